@@ -1,0 +1,287 @@
+"""GGN / Fisher curvature over the trainable ``nn.Linear`` parameters, on ASDL's hooks.
+
+This is the only module that touches ASDL (``asdl``, PyPI ``asdfghjkl==0.1a4``). ASDL records,
+for every trainable linear layer, its inputs ``a`` in the forward pass and the gradients ``g`` of
+the backpropagated vector with respect to its outputs in each backward pass
+(``asdl.save_inputs_outgrads``). The curvature is assembled here from those, so that the
+conventions are ours and checked against dense references (see tests/):
+
+* One backward pass per *column* ``s`` of a square root of the loss Hessian,
+  ``Λ = Σ_s s sᵀ`` (exact GGN: ``s_c = √p_c (e_c − p)`` for softmax cross-entropy, ``e_c`` for
+  squared error; Monte-Carlo GGN: ``s = p − e_ŷ`` with ``ŷ`` sampled from the model; empirical
+  Fisher: the gradient at the observed target). Positions that are not data are zero in every
+  column.
+* A weight ``W`` (``d_out × d_in``, flattened row-major) has the per-example gradient
+  ``Σ_t g_t a_tᵀ``; its K-FAC block is ``B ⊗ A``:
+  expand — ``A = mean_{positions} a aᵀ``, ``B = Σ_{positions} g gᵀ``;
+  reduce — ``â = mean_t a_t`` and ``ĝ = Σ_t g_t`` per sequence, ``A = mean_n â âᵀ``,
+  ``B = Σ_n ĝ ĝᵀ`` (Eschenhagen et al., NeurIPS 2023). A bias has the dense block ``B``.
+  Padded positions (``attention_mask == 0``) never enter ``A``.
+* ``full`` and ``diag`` use the exact per-example gradients.
+
+ASDL's own Fisher makers are not used: they add into ``.grad``, leave ``fisher`` attributes that
+crash peft's ``ModulesToSaveWrapper`` on a second call, sum ``A`` over tokens, ignore index -1
+rather than -100 and sample targets at padded positions (see NOTES.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import asdl
+import torch
+from torch import Tensor, nn
+
+from .batches import Targets
+from .options import Backend, HessianStructure, KFACApprox
+
+MAX_EXACT_OUTPUTS = 1024
+
+
+@dataclass
+class LinearSite:
+    """A linear layer with trainable parameters; indices into the trainable-parameter list."""
+
+    name: str
+    module: nn.Linear
+    weight_index: int | None
+    bias_index: int | None
+
+
+def linear_sites(model: nn.Module, params: list[tuple[str, nn.Parameter]]) -> list[LinearSite]:
+    """The linear layers that hold the trainable parameters; a clear error for any other owner."""
+    index = {id(p): i for i, (_, p) in enumerate(params)}
+    names = {id(p): n for n, p in params}
+    sites, covered = [], set()
+    for mname, module in model.named_modules():
+        own = [p for p in module.parameters(recurse=False) if id(p) in index]
+        if not own:
+            continue
+        if type(module) is not nn.Linear and not isinstance(module, nn.Linear):
+            bad = ", ".join(names[id(p)] for p in own)
+            raise ValueError(
+                f"Trainable parameter(s) {bad} belong to a {type(module).__name__}; hf_marglik's "
+                "curvature covers nn.Linear layers only (LoRA A/B, classification heads). Freeze "
+                "them (requires_grad=False) or leave that module out of modules_to_save."
+            )
+        w, b = module.weight, module.bias
+        wi = index.get(id(w))
+        bi = index.get(id(b)) if b is not None else None
+        if wi is None and bi is not None:
+            raise ValueError(
+                f"{mname}.bias is trainable while {mname}.weight is frozen; hf_marglik's curvature "
+                "needs the weight of a linear layer trainable whenever its bias is."
+            )
+        sites.append(LinearSite(mname, module, wi, bi))
+        covered.update(i for i in (wi, bi) if i is not None)
+    missing = [n for i, (n, _) in enumerate(params) if i not in covered]
+    if missing:
+        raise ValueError(f"Trainable parameters not owned by any module: {missing}.")
+    return sites
+
+
+def check_outputs(n_outputs: int, backend: Backend) -> None:
+    if backend == Backend.GGN and n_outputs > MAX_EXACT_OUTPUTS:
+        raise ValueError(
+            f"backend='ggn' (exact GGN) needs one backward pass per output and the model has "
+            f"{n_outputs} outputs (a vocabulary?). Use backend='ggn-mc' (Monte-Carlo GGN, one "
+            "backward per sample) or backend='ef'."
+        )
+
+
+def loss_columns(
+    t: Targets, backend: Backend, n_samples: int = 1, generator: torch.Generator | None = None
+) -> Iterator[Tensor]:
+    """Columns ``s`` (shaped like ``t.logits``) with ``Σ_s s sᵀ`` = the curvature of the loss in
+    the logits at unit noise: exact GGN, Monte-Carlo GGN or empirical Fisher."""
+    f = t.logits.detach()
+    m = t.mask.unsqueeze(-1).to(f.dtype)
+    categorical = t.y.dtype in (torch.long, torch.int, torch.int32)
+    if categorical:
+        p = torch.softmax(f, dim=-1)
+        if backend == Backend.GGN:
+            for c in range(f.shape[-1]):
+                s = -p * p[..., c : c + 1].sqrt()
+                s[..., c] += p[..., c].sqrt()
+                yield s * m
+        elif backend == Backend.GGN_MC:
+            flat = p.reshape(-1, p.shape[-1])
+            for _ in range(n_samples):
+                y = torch.multinomial(flat, 1, generator=generator).reshape(p.shape[:-1])
+                onehot = nn.functional.one_hot(y, p.shape[-1]).to(f.dtype)
+                yield (p - onehot) * m / math.sqrt(n_samples)
+        else:
+            yield (p - nn.functional.one_hot(t.y, p.shape[-1]).to(f.dtype)) * m
+    else:
+        if backend == Backend.GGN:
+            for c in range(f.shape[-1]):
+                s = torch.zeros_like(f)
+                s[..., c] = 1.0
+                yield s * m
+        elif backend == Backend.GGN_MC:
+            for _ in range(n_samples):
+                eps = torch.randn(f.shape, generator=generator, dtype=f.dtype, device=f.device)
+                yield eps * m / math.sqrt(n_samples)
+        else:
+            yield (f - t.y) * m
+
+
+def per_position(columns: Iterator[Tensor], mask: Tensor) -> Iterator[Tensor]:
+    """Split each column of a token-level likelihood into one column per position, so that
+    per-example gradients are per target token (exact ``full``/``diag`` for causal LMs)."""
+    positions = mask.any(0).nonzero().flatten().tolist()
+    for s in columns:
+        for t in positions:
+            single = torch.zeros_like(s)
+            single[:, t] = s[:, t]
+            yield single
+
+
+class Curvature:
+    """Accumulates the curvature of one fit, batch by batch."""
+
+    def __init__(
+        self,
+        sites: list[LinearSite],
+        sizes: list[int],
+        structure: HessianStructure,
+        kfac_approx: KFACApprox,
+        dtype: torch.dtype,
+        device: torch.device,
+    ):
+        self.sites, self.sizes, self.structure, self.kfac_approx = sites, sizes, structure, kfac_approx
+        self.dtype, self.device = dtype, device
+        n = sum(sizes)
+        if structure == HessianStructure.FULL:
+            self.H = torch.zeros(n, n, dtype=dtype, device=device)
+        elif structure == HessianStructure.DIAG:
+            self.H = torch.zeros(n, dtype=dtype, device=device)
+        else:
+            self.A = {}  # site index -> summed input factor
+            self.A_count = {}
+            self.B = {}
+
+    @contextlib.contextmanager
+    def recording(self, model: nn.Module):
+        """Record inputs and output gradients of the sites (ASDL hooks) inside the block."""
+        with warnings.catch_warnings():
+            # ASDL registers module backward hooks of the pre-full kind; their grad_output (all
+            # that is read here) is correct, the deprecation warning is noise for users.
+            warnings.filterwarnings("ignore", message=".*non-full backward hook.*")
+            warnings.filterwarnings("ignore", message=".*backward hook.*deprecated.*")
+            with asdl.save_inputs_outgrads(model, targets=[s.module for s in self.sites]) as cxt:
+                self._cxt = cxt
+                try:
+                    yield self
+                finally:
+                    self._cxt = None
+
+    def inputs(self) -> list[Tensor]:
+        """Inputs of each site in the last forward pass (popped from ASDL's record)."""
+        out = []
+        for s in self.sites:
+            recorded = self._cxt.in_data(s.module, pop=True)
+            if not recorded:
+                raise RuntimeError(f"Layer {s.name!r} was not called in the forward pass.")
+            if len(recorded) > 1:
+                raise ValueError(
+                    f"Layer {s.name!r} was called {len(recorded)} times in one forward pass; "
+                    "weight sharing across calls is not supported by hf_marglik's curvature."
+                )
+            out.append(recorded[0].to(self.dtype))
+        return out
+
+    def output_grads(self, inputs: list[Tensor]) -> list[Tensor]:
+        """Output gradients of each site in the last backward pass, shaped like its inputs."""
+        out = []
+        for s, a in zip(self.sites, inputs):
+            recorded = self._cxt.out_grads(s.module, pop=True)
+            if recorded is None or len(recorded) != 1:
+                n = 0 if recorded is None else len(recorded)
+                raise RuntimeError(f"Layer {s.name!r} saw {n} backward passes, expected 1.")
+            g = recorded[0].to(self.dtype)
+            out.append(g.reshape(*a.shape[:-1], g.shape[-1]))
+        return out
+
+    def add(self, inputs: list[Tensor], grads: list[Tensor], mask: Tensor | None) -> None:
+        """Add one column's contribution (all examples of the batch)."""
+        if self.structure == HessianStructure.KRON:
+            for i, (a, g) in enumerate(zip(inputs, grads)):
+                self._add_kron(i, a, g, mask)
+            return
+        per_example = self._per_example_grads(inputs, grads)
+        if self.structure == HessianStructure.FULL:
+            self.H.addmm_(per_example.T, per_example)
+        else:
+            self.H.add_((per_example * per_example).sum(0))
+
+    def add_inputs(self, inputs: list[Tensor], mask: Tensor | None) -> None:
+        """Add the input factors of one forward pass (K-FAC only; once per batch)."""
+        if self.structure != HessianStructure.KRON:
+            return
+        for i, (s, a) in enumerate(zip(self.sites, inputs)):
+            if s.weight_index is None:
+                continue
+            rows, count = self._input_rows(a, mask)
+            A = rows.T @ rows
+            if i in self.A:
+                self.A[i] += A
+                self.A_count[i] += count
+            else:
+                self.A[i], self.A_count[i] = A, count
+
+    def _input_rows(self, a: Tensor, mask: Tensor | None) -> tuple[Tensor, int]:
+        if a.ndim == 2:
+            return a, a.shape[0]
+        a3 = a.reshape(a.shape[0], -1, a.shape[-1])
+        m = _position_mask(mask, a3)
+        if self.kfac_approx == KFACApprox.EXPAND:
+            rows = a3[m] if m is not None else a3.reshape(-1, a3.shape[-1])
+            return rows, rows.shape[0]
+        if m is None:
+            return a3.mean(1), a3.shape[0]
+        w = m.to(a3.dtype).unsqueeze(-1)
+        return (a3 * w).sum(1) / w.sum(1).clamp_min(1.0), a3.shape[0]
+
+    def _add_kron(self, i: int, a: Tensor, g: Tensor, mask: Tensor | None) -> None:
+        g2 = g.reshape(-1, g.shape[-1]) if a.ndim == 2 or self.kfac_approx == KFACApprox.EXPAND else None
+        if g2 is None:
+            g2 = g.reshape(g.shape[0], -1, g.shape[-1]).sum(1)
+        B = g2.T @ g2
+        if i in self.B:
+            self.B[i] += B
+        else:
+            self.B[i] = B
+
+    def _per_example_grads(self, inputs: list[Tensor], grads: list[Tensor]) -> Tensor:
+        chunks: list[Tensor | None] = [None] * len(self.sizes)
+        for s, a, g in zip(self.sites, inputs, grads):
+            n = a.shape[0]
+            a3 = a.reshape(n, -1, a.shape[-1])
+            g3 = g.reshape(n, -1, g.shape[-1])
+            if s.weight_index is not None:
+                chunks[s.weight_index] = torch.einsum("nto,nti->noi", g3, a3).reshape(n, -1)
+            if s.bias_index is not None:
+                chunks[s.bias_index] = g3.sum(1)
+        return torch.cat(chunks, dim=1)
+
+    def kron_factors(self, scale: float = 1.0) -> list[tuple[Tensor, Tensor | None]]:
+        """``(B, A)`` per trainable tensor in parameter order (``A`` is None for a bias)."""
+        out: list[tuple[Tensor, Tensor | None] | None] = [None] * len(self.sizes)
+        for i, s in enumerate(self.sites):
+            B = self.B[i] * scale
+            if s.weight_index is not None:
+                out[s.weight_index] = (B, self.A[i] / max(self.A_count[i], 1))
+            if s.bias_index is not None:
+                out[s.bias_index] = (B, None)
+        return out
+
+
+def _position_mask(mask: Tensor | None, a3: Tensor) -> Tensor | None:
+    if mask is None or mask.ndim != 2 or tuple(mask.shape) != tuple(a3.shape[:2]):
+        return None
+    return mask.bool()

@@ -1,0 +1,426 @@
+"""The Laplace approximation over the trainable parameters, and its log marginal likelihood.
+
+With ``H`` the GGN/Fisher of the summed negative log likelihood at unit noise, ``P`` the prior
+precision (a zero-mean Gaussian prior), ``f = 1 / (σ² T)`` (σ the observation noise, regression
+only; T the temperature) and ``θ*`` the trainable parameters at the MAP (Immer et al., ICML 2021;
+laplace-torch's conventions)::
+
+    log p(D) ≈ −f·L(θ*) − c − ½ (log det(f·H + P) − log det P + θ*ᵀ P θ*)
+
+where ``L`` is the summed loss (cross-entropy, or ``½‖f − y‖²`` for regression) and
+``c = N·K·log(σ√(2π))`` for regression (0 otherwise). For K-FAC blocks ``B ⊗ A`` with an
+isotropic prior ``δ`` per block, ``log det(f·B⊗A + δI) = Σ_ij log(f·λ_i(B)·λ_j(A) + δ)``: the
+factors are eigendecomposed once per :meth:`Laplace.fit`, so the marginal likelihood and its
+gradients in ``(P, σ)`` are cheap to evaluate many times.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from . import batches as B
+from .curvature import Curvature, check_outputs, linear_sites, loss_columns, per_position
+from .options import Backend, HessianStructure, KFACApprox, Likelihood, PriorStructure, coerce
+from .params import infer_prior_structure, per_parameter, prior_quadratic, prior_size
+from .params import trainable_parameters
+
+MAX_DENSE_BLOCK = 8192
+"""Largest K-FAC block (parameters of one tensor) for which a diagonal prior is handled by a
+dense Cholesky factorisation."""
+
+
+def default_kfac_approx(likelihood: Likelihood) -> KFACApprox:
+    """``expand`` for per-token likelihoods, ``reduce`` for one likelihood term per sequence: the
+    setting in which each is exact (Eschenhagen et al., 2023) and the one measured closer to the
+    exact GGN on small LoRA models (BENCHMARKS.md, "K-FAC fidelity")."""
+    return KFACApprox.EXPAND if likelihood == Likelihood.CAUSAL_LM else KFACApprox.REDUCE
+
+
+class Laplace:
+    """A Gaussian posterior ``N(θ*, (f·H + P)⁻¹)`` over the parameters with ``requires_grad=True``.
+
+    Args:
+        model: the network; frozen parameters are never touched or copied.
+        likelihood: ``"classification"``, ``"regression"`` or ``"causal_lm"``.
+        hessian_structure: ``"kron"`` (K-FAC, default), ``"diag"`` or ``"full"``.
+        prior_precision: a float, or a tensor of length 1 (scalar), one per trainable tensor
+            (layerwise) or one per trainable parameter (diag).
+        prior_structure: lay a float ``prior_precision`` out as ``"scalar"``, ``"layerwise"`` or
+            ``"diag"``; by default inferred from its length.
+        sigma_noise: observation noise (regression only).
+        temperature: the likelihood is divided by it (``f = 1 / (σ² T)``).
+        backend: ``"ggn"`` (exact GGN), ``"ggn-mc"`` (Monte-Carlo GGN) or ``"ef"``.
+        kfac_approx: ``"expand"`` or ``"reduce"`` for layers applied at every position; by default
+            expand for causal_lm and reduce otherwise (:func:`default_kfac_approx`).
+        dict_key_x, dict_key_y: keys of the model input and the targets in dict batches.
+        n_mc_samples: samples per example for ``"ggn-mc"``.
+        enable_backprop: keep the log marginal likelihood differentiable in the model
+            parameters as well (reserved; the curvature itself is detached).
+        seed: seed of the Monte-Carlo targets (a fit is then reproducible).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        likelihood: Likelihood | str,
+        hessian_structure: HessianStructure | str = HessianStructure.KRON,
+        prior_precision: float | Tensor = 1.0,
+        prior_structure: PriorStructure | str | None = None,
+        sigma_noise: float | Tensor = 1.0,
+        temperature: float = 1.0,
+        backend: Backend | str = Backend.GGN,
+        kfac_approx: KFACApprox | str | None = None,
+        dict_key_x: str = "input_ids",
+        dict_key_y: str = "labels",
+        n_mc_samples: int = 1,
+        enable_backprop: bool = False,
+        seed: int | None = None,
+    ):
+        self.model = model
+        self.likelihood = coerce(Likelihood, likelihood, "likelihood")
+        self.hessian_structure = coerce(HessianStructure, hessian_structure, "hessian_structure")
+        self.backend = coerce(Backend, backend, "backend")
+        self.kfac_approx = (
+            default_kfac_approx(self.likelihood)
+            if kfac_approx is None
+            else coerce(KFACApprox, kfac_approx, "kfac_approx")
+        )
+        if n_mc_samples < 1:
+            raise ValueError(f"n_mc_samples={n_mc_samples} must be at least 1.")
+        if not temperature > 0:
+            raise ValueError(f"temperature={temperature} must be positive.")
+        self.dict_key_x, self.dict_key_y = dict_key_x, dict_key_y
+        self.n_mc_samples, self.enable_backprop, self.seed = n_mc_samples, enable_backprop, seed
+        self.temperature = float(temperature)
+        named = trainable_parameters(model)
+        self.param_names = [n for n, _ in named]
+        self._params = [p for _, p in named]
+        self._sizes = [p.numel() for p in self._params]
+        self._sites = linear_sites(model, named)
+        self.dtype = torch.float64 if self._params[0].dtype == torch.float64 else torch.float32
+        self.device = self._params[0].device
+        if prior_structure is not None:
+            structure = coerce(PriorStructure, prior_structure, "prior_structure")
+            prec = torch.as_tensor(prior_precision, dtype=self.dtype).reshape(-1)
+            if prec.numel() == 1:
+                prec = prec.expand(prior_size(structure, self._sizes)).clone()
+        else:
+            prec = torch.as_tensor(prior_precision, dtype=self.dtype).reshape(-1)
+        self.prior_precision = prec
+        self.sigma_noise = sigma_noise
+        self.n_data: int | None = None
+        self.n_outputs: int | None = None
+        self.loss: Tensor | None = None
+        self.n_clipped = 0
+
+    # ----------------------------------------------------------------- hyperparameters
+    @property
+    def n_params(self) -> int:
+        return sum(self._sizes)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self._sizes)
+
+    @property
+    def prior_structure(self) -> PriorStructure:
+        return infer_prior_structure(self._prior_precision.numel(), self._sizes)
+
+    @property
+    def prior_precision(self) -> Tensor:
+        return self._prior_precision
+
+    @prior_precision.setter
+    def prior_precision(self, value: float | Tensor) -> None:
+        self._prior_precision = self._check_precision(value)
+
+    def _check_precision(self, value) -> Tensor:
+        prec = torch.as_tensor(value, dtype=self.dtype, device=self.device).reshape(-1)
+        infer_prior_structure(prec.numel(), self._sizes)
+        if not torch.isfinite(prec).all() or not (prec > 0).all():
+            raise ValueError(f"prior_precision must be positive and finite; got {value}.")
+        return prec
+
+    @property
+    def sigma_noise(self) -> Tensor:
+        return self._sigma_noise
+
+    @sigma_noise.setter
+    def sigma_noise(self, value: float | Tensor) -> None:
+        self._sigma_noise = self._check_sigma(value)
+
+    def _check_sigma(self, value) -> Tensor:
+        sigma = torch.as_tensor(value, dtype=self.dtype, device=self.device).reshape(())
+        if not torch.isfinite(sigma) or not sigma > 0:
+            raise ValueError(f"sigma_noise must be positive and finite; got {value}.")
+        if self.likelihood != Likelihood.REGRESSION and float(sigma) != 1.0:
+            raise ValueError(
+                f"sigma_noise={float(sigma)} only applies to likelihood='regression'; leave it at "
+                "1.0 for categorical likelihoods."
+            )
+        return sigma
+
+    def _H_factor(self, sigma: Tensor) -> Tensor:
+        return 1.0 / (sigma * sigma * self.temperature)
+
+    @property
+    def mean(self) -> Tensor:
+        """The trainable parameters at the time of the fit, as one flat detached vector."""
+        if not hasattr(self, "_mean"):
+            return torch.cat([p.detach().reshape(-1) for p in self._params]).to(self.dtype)
+        return self._mean
+
+    # ----------------------------------------------------------------- fitting
+    def fit(self, train_loader, n_data: int | None = None, progress_bar: bool = False) -> Laplace:
+        """Compute the curvature and the loss at the current parameters in one pass.
+
+        ``n_data``: the number of data points of the whole training set when ``train_loader``
+        covers a subset; the curvature and the loss are rescaled by ``n_data / counted``.
+        The model's train/eval mode, ``requires_grad`` flags and ``.grad`` are restored
+        afterwards, also when the pass raises.
+        """
+        model = self.model
+        was_training = model.training
+        flags = [p.requires_grad for p in model.parameters()]
+        grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+        generator = None
+        if self.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(self.seed)
+        curv = Curvature(
+            self._sites, self._sizes, self.hessian_structure, self.kfac_approx, self.dtype, self.device
+        )
+        loss = torch.zeros((), dtype=self.dtype, device=self.device)
+        counted, n_outputs = 0, None
+        model.eval()
+        try:
+            with curv.recording(model):
+                for batch in tqdm(train_loader, desc="Curvature fit", disable=not progress_bar):
+                    n, k = self._fit_batch(curv, batch, generator, loss)
+                    counted, n_outputs = counted + n, k
+        finally:
+            model.train(was_training)
+            for p, flag, g in zip(model.parameters(), flags, grads):
+                p.requires_grad_(flag)
+                p.grad = g
+        if counted == 0:
+            raise ValueError("The data has no data points (all targets are -100 or empty).")
+        scale = 1.0 if n_data is None else n_data / counted
+        self.n_data = counted if n_data is None else int(n_data)
+        self.n_outputs = n_outputs
+        self.loss = loss * scale
+        self._mean = torch.cat([p.detach().reshape(-1) for p in self._params]).to(self.dtype)
+        self._decompose(curv, scale)
+        return self
+
+    def _fit_batch(self, curv: Curvature, batch, generator, loss: Tensor) -> tuple[int, int]:
+        inputs, y = B.split_batch(batch, self.dict_key_x, self.dict_key_y)
+        inputs, y = B.to_device(inputs, self.device), B.to_device(y, self.device)
+        mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
+        with torch.enable_grad():
+            logits = B.call_model(self.model, inputs, self.dict_key_x)
+            t = B.targets_for(logits, y, self.likelihood, mask)
+            if self.likelihood != Likelihood.REGRESSION:
+                check_outputs(logits.shape[-1], self.backend)
+            loss += B.nll_sum(t).detach().to(self.dtype)
+            acts = curv.inputs()
+            curv.add_inputs(acts, mask)
+            cols = loss_columns(t, self.backend, self.n_mc_samples, generator)
+            if self.likelihood == Likelihood.CAUSAL_LM and self.hessian_structure != HessianStructure.KRON:
+                cols = per_position(cols, t.mask)
+            cols = list(cols)
+            for j, s in enumerate(cols):
+                torch.autograd.grad(
+                    t.logits, self._params, grad_outputs=s.to(t.logits.dtype),
+                    retain_graph=j < len(cols) - 1, allow_unused=True,
+                )
+                curv.add(acts, curv.output_grads(acts), mask)
+        return t.n_data, int(logits.shape[-1])
+
+    def _decompose(self, curv: Curvature, scale: float) -> None:
+        self.n_clipped = 0
+        self.__dict__.pop("_dense_blocks", None)
+        if self.hessian_structure == HessianStructure.KRON:
+            self._kron = []
+            for Bf, Af in curv.kron_factors(scale):
+                lb, qb = self._eigh(Bf)
+                la, qa = (None, None) if Af is None else self._eigh(Af)
+                self._kron.append((lb, qb, la, qa))
+            self._kron_eigs = [
+                lb if la is None else torch.outer(lb, la).reshape(-1) for lb, _, la, _ in self._kron
+            ]
+        elif self.hessian_structure == HessianStructure.FULL:
+            self._H = curv.H * scale
+            self._H = 0.5 * (self._H + self._H.T)
+        else:
+            self._H = curv.H * scale
+
+    def _eigh(self, M: Tensor) -> tuple[Tensor, Tensor]:
+        lam, Q = torch.linalg.eigh(0.5 * (M + M.T))
+        self.n_clipped += int((lam < 0).sum())
+        return lam.clamp_min(0.0), Q
+
+    def _check_fitted(self) -> None:
+        if self.loss is None:
+            raise RuntimeError("Call fit(train_loader) before using the Laplace approximation.")
+
+    # ----------------------------------------------------------------- marginal likelihood
+    def log_marginal_likelihood(
+        self, prior_precision: Tensor | None = None, sigma_noise: Tensor | None = None
+    ) -> Tensor:
+        """The Laplace log marginal likelihood (a 0-d tensor), differentiable in both arguments.
+
+        Arguments left out take the stored values; given ones are not stored.
+        """
+        self._check_fitted()
+        prec = self.prior_precision if prior_precision is None else prior_precision
+        sigma = self.sigma_noise if sigma_noise is None else sigma_noise
+        prec = torch.as_tensor(prec, dtype=self.dtype, device=self.device).reshape(-1)
+        sigma = torch.as_tensor(sigma, dtype=self.dtype, device=self.device).reshape(())
+        infer_prior_structure(prec.numel(), self._sizes)
+        f = self._H_factor(sigma)
+        log_det_ratio = self._log_det_posterior(prec, f) - self._log_det_prior(prec)
+        scatter = prior_quadratic(prec, self._mean_chunks())
+        return self._log_likelihood(sigma) - 0.5 * (log_det_ratio + scatter)
+
+    @property
+    def log_likelihood(self) -> Tensor:
+        self._check_fitted()
+        return self._log_likelihood(self.sigma_noise)
+
+    def _log_likelihood(self, sigma: Tensor) -> Tensor:
+        ll = -self._H_factor(sigma) * self.loss
+        if self.likelihood == Likelihood.REGRESSION:
+            ll = ll - self.n_data * self.n_outputs * torch.log(sigma * math.sqrt(2 * math.pi))
+        return ll
+
+    def _mean_chunks(self) -> list[Tensor]:
+        return list(torch.split(self.mean, self._sizes))
+
+    def _log_det_prior(self, prec: Tensor) -> Tensor:
+        if prec.numel() == 1:
+            return self.n_params * torch.log(prec).reshape(())
+        if prec.numel() == len(self._sizes):
+            sizes = torch.tensor(self._sizes, dtype=prec.dtype, device=prec.device)
+            return (sizes * torch.log(prec)).sum()
+        return torch.log(prec).sum()
+
+    def _log_det_posterior(self, prec: Tensor, f: Tensor) -> Tensor:
+        structure = self.hessian_structure
+        if structure == HessianStructure.DIAG:
+            return torch.log(f * self._H + per_parameter(prec, self._sizes)).sum()
+        if structure == HessianStructure.FULL:
+            P = torch.diag(per_parameter(prec, self._sizes))
+            return 2 * torch.log(torch.diagonal(torch.linalg.cholesky(f * self._H + P))).sum()
+        if prec.numel() == 1:
+            return sum(torch.log(f * e + prec[0]).sum() for e in self._kron_eigs)
+        if prec.numel() == len(self._sizes):
+            return sum(torch.log(f * e + d).sum() for e, d in zip(self._kron_eigs, prec))
+        return self._kron_diag_prior_log_det(prec, f)
+
+    def _kron_diag_prior_log_det(self, prec: Tensor, f: Tensor) -> Tensor:
+        """``Σ_blocks log det(f·B⊗A + diag(d))``: a diagonal prior is not diagonal in the
+        Kronecker eigenbasis, so each block is factorised densely (blocks up to
+        ``MAX_DENSE_BLOCK`` parameters)."""
+        total = prec.new_zeros(())
+        for d, block in zip(torch.split(prec, self._sizes), self._dense_kron_blocks()):
+            total = total + 2 * torch.log(
+                torch.diagonal(torch.linalg.cholesky(f * block + torch.diag(d)))
+            ).sum()
+        return total
+
+    def _dense_kron_blocks(self) -> list[Tensor]:
+        big = [(n, s) for n, s in zip(self.param_names, self._sizes) if s > MAX_DENSE_BLOCK]
+        if big:
+            raise ValueError(
+                f"prior_structure='diag' with hessian_structure='kron' factorises each block "
+                f"densely, and {big[0][0]} has {big[0][1]} parameters (limit {MAX_DENSE_BLOCK}). "
+                "Use prior_structure='layerwise' or 'scalar' (exact and cheap with K-FAC), or "
+                "hessian_structure='diag' with a diagonal prior."
+            )
+        if not hasattr(self, "_dense_blocks"):
+            self._dense_blocks = [self._recompose(i) for i in range(len(self._kron))]
+        return self._dense_blocks
+
+    def _recompose(self, i: int) -> Tensor:
+        lb, qb, la, qa = self._kron[i]
+        Bm = qb @ torch.diag(lb) @ qb.T
+        return Bm if la is None else torch.kron(Bm, qa @ torch.diag(la) @ qa.T)
+
+    # ----------------------------------------------------------------- inspection
+    def kron_factors(self) -> list[tuple[Tensor, Tensor | None]]:
+        """``(B, A)`` per trainable tensor (``A`` is None for biases), recomposed from the stored
+        eigendecomposition (negative eigenvalues clipped)."""
+        self._check_fitted()
+        if self.hessian_structure != HessianStructure.KRON:
+            raise ValueError("kron_factors() needs hessian_structure='kron'.")
+        out = []
+        for lb, qb, la, qa in self._kron:
+            Bm = qb @ torch.diag(lb) @ qb.T
+            out.append((Bm, None if la is None else qa @ torch.diag(la) @ qa.T))
+        return out
+
+    def curvature_dense(self) -> Tensor:
+        """The curvature ``H`` (no prior, no ``f``) as a dense ``(P, P)`` matrix in the flat
+        parameter order: for tests and small models."""
+        self._check_fitted()
+        if self.hessian_structure == HessianStructure.FULL:
+            return self._H.clone()
+        if self.hessian_structure == HessianStructure.DIAG:
+            return torch.diag(self._H)
+        return torch.block_diag(*[self._recompose(i) for i in range(len(self._kron))])
+
+    # ----------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        """Hyperparameters, loss, MAP mean and the curvature in its stored (eigendecomposed for
+        K-FAC) form; enough to evaluate the marginal likelihood without the data."""
+        self._check_fitted()
+        sd = {
+            "likelihood": self.likelihood.value,
+            "hessian_structure": self.hessian_structure.value,
+            "backend": self.backend.value,
+            "kfac_approx": self.kfac_approx.value,
+            "param_names": list(self.param_names),
+            "prior_precision": self.prior_precision.clone(),
+            "sigma_noise": self.sigma_noise.clone(),
+            "temperature": self.temperature,
+            "n_data": self.n_data,
+            "n_outputs": self.n_outputs,
+            "loss": self.loss.clone(),
+            "mean": self.mean.clone(),
+        }
+        if self.hessian_structure == HessianStructure.KRON:
+            sd["kron"] = [tuple(x for x in blk) for blk in self._kron]
+        else:
+            sd["H"] = self._H.clone()
+        return sd
+
+    def load_state_dict(self, sd: dict) -> None:
+        for key in ("likelihood", "hessian_structure"):
+            if sd[key] != getattr(self, key).value:
+                raise ValueError(
+                    f"state_dict has {key}={sd[key]!r} but this Laplace has "
+                    f"{getattr(self, key).value!r}."
+                )
+        if list(sd["param_names"]) != self.param_names:
+            raise ValueError("state_dict was saved for different trainable parameters.")
+        self.backend = coerce(Backend, sd["backend"], "backend")
+        self.kfac_approx = coerce(KFACApprox, sd["kfac_approx"], "kfac_approx")
+        self.temperature = float(sd["temperature"])
+        self.prior_precision = sd["prior_precision"]
+        self.sigma_noise = sd["sigma_noise"]
+        self.n_data, self.n_outputs = sd["n_data"], sd["n_outputs"]
+        self.loss = sd["loss"].to(self.dtype)
+        self._mean = sd["mean"].to(self.dtype)
+        if "kron" in sd:
+            self._kron = [tuple(x for x in blk) for blk in sd["kron"]]
+            self._kron_eigs = [
+                lb if la is None else torch.outer(lb, la).reshape(-1) for lb, _, la, _ in self._kron
+            ]
+            self.__dict__.pop("_dense_blocks", None)
+        else:
+            self._H = sd["H"].to(self.dtype)

@@ -1,0 +1,81 @@
+"""Option enums. Every option is a ``str`` Enum: pass the enum member or its string value.
+
+Names follow laplace-torch (``Likelihood``, ``HessianStructure``, ``PriorStructure``) where a user
+would look for them.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import TypeVar
+
+
+class Likelihood(str, Enum):
+    """The likelihood that the model's logits parameterise."""
+
+    CLASSIFICATION = "classification"
+    """One categorical label per example (sequence); logits of shape ``(batch, classes)``."""
+    REGRESSION = "regression"
+    """Gaussian with learned observation noise; outputs of shape ``(batch, outputs)``."""
+    CAUSAL_LM = "causal_lm"
+    """One categorical per target token; logits ``(batch, seq, vocab)`` predict ``labels``
+    shifted by one (the HF convention). Tokens labelled -100 and padding are not data."""
+
+
+class HessianStructure(str, Enum):
+    """Structure of the curvature (and so of the posterior precision)."""
+
+    KRON = "kron"
+    """Kronecker-factored (K-FAC) block per trainable tensor. The main structure."""
+    DIAG = "diag"
+    """Diagonal of the GGN/Fisher."""
+    FULL = "full"
+    """Dense matrix over all trainable parameters: the exact-GGN reference, small models only."""
+
+
+class Backend(str, Enum):
+    """Which curvature is computed."""
+
+    GGN = "ggn"
+    """Exact generalised Gauss-Newton: one backward pass per output (class) of the likelihood."""
+    GGN_MC = "ggn-mc"
+    """Monte-Carlo GGN (Fisher): targets sampled from the model, one backward per sample.
+    The choice for large output spaces such as an LLM's vocabulary."""
+    EF = "ef"
+    """Empirical Fisher: outer products of the gradients at the observed targets."""
+
+
+class KFACApprox(str, Enum):
+    """K-FAC for layers applied at every position of a sequence (Eschenhagen et al., 2023)."""
+
+    EXPAND = "expand"
+    """Every position is treated as its own example: exact for deep linear networks with a
+    loss per position (causal LM)."""
+    REDUCE = "reduce"
+    """Inputs are averaged and output gradients summed over a sequence's positions before the
+    outer products: exact for deep linear networks with one loss per sequence."""
+
+
+class PriorStructure(str, Enum):
+    """Structure of the prior precision."""
+
+    SCALAR = "scalar"
+    """One precision shared by all trainable parameters."""
+    LAYERWISE = "layerwise"
+    """One precision per trainable tensor."""
+    DIAG = "diag"
+    """One precision per trainable parameter."""
+
+
+E = TypeVar("E", bound=Enum)
+
+
+def coerce(enum_cls: type[E], value: str | E, name: str) -> E:
+    """Return ``value`` as a member of ``enum_cls``, or raise a ``ValueError`` naming the choices."""
+    if isinstance(value, enum_cls):
+        return value
+    try:
+        return enum_cls(value)
+    except ValueError:
+        choices = ", ".join(repr(m.value) for m in enum_cls)
+        raise ValueError(f"{name}={value!r} is not valid; choose one of {choices}.") from None
