@@ -6,11 +6,22 @@ Public API:
   parameters, with a log marginal likelihood that is differentiable in the prior precision and
   the observation noise.
 - The options, as ``str`` Enums: :class:`Likelihood`, :class:`HessianStructure`,
-  :class:`Backend`, :class:`KFACApprox`, :class:`PriorStructure`.
+  :class:`Backend`, :class:`KFACApprox`, :class:`PriorStructure`, :class:`PredType`,
+  :class:`LinkApprox`.
+- :func:`calibration_metrics` — accuracy, NLL, ECE and Brier score of predicted probabilities.
 """
 
 from .laplace import Laplace
-from .options import Backend, HessianStructure, KFACApprox, Likelihood, PriorStructure
+from .metrics import calibration_metrics
+from .options import (
+    Backend,
+    HessianStructure,
+    KFACApprox,
+    Likelihood,
+    LinkApprox,
+    PredType,
+    PriorStructure,
+)
 
 __all__ = [
     "Laplace",
@@ -19,6 +30,9 @@ __all__ = [
     "Backend",
     "KFACApprox",
     "PriorStructure",
+    "PredType",
+    "LinkApprox",
+    "calibration_metrics",
 ]
 
 __version__ = "0.1.0"

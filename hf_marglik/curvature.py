@@ -141,29 +141,12 @@ def per_position(columns: Iterator[Tensor], mask: Tensor) -> Iterator[Tensor]:
             yield single
 
 
-class Curvature:
-    """Accumulates the curvature of one fit, batch by batch."""
+class Recorder:
+    """Records the inputs and output gradients of the sites through ASDL's hooks."""
 
-    def __init__(
-        self,
-        sites: list[LinearSite],
-        sizes: list[int],
-        structure: HessianStructure,
-        kfac_approx: KFACApprox,
-        dtype: torch.dtype,
-        device: torch.device,
-    ):
-        self.sites, self.sizes, self.structure, self.kfac_approx = sites, sizes, structure, kfac_approx
-        self.dtype, self.device = dtype, device
-        n = sum(sizes)
-        if structure == HessianStructure.FULL:
-            self.H = torch.zeros(n, n, dtype=dtype, device=device)
-        elif structure == HessianStructure.DIAG:
-            self.H = torch.zeros(n, dtype=dtype, device=device)
-        else:
-            self.A = {}  # site index -> summed input factor
-            self.A_count = {}
-            self.B = {}
+    def __init__(self, sites: list[LinearSite], dtype: torch.dtype):
+        self.sites, self.dtype = sites, dtype
+        self._cxt = None
 
     @contextlib.contextmanager
     def recording(self, model: nn.Module):
@@ -207,6 +190,36 @@ class Curvature:
             out.append(g.reshape(*a.shape[:-1], g.shape[-1]))
         return out
 
+
+class Curvature:
+    """Accumulates the curvature of one fit, batch by batch."""
+
+    def __init__(
+        self,
+        sites: list[LinearSite],
+        sizes: list[int],
+        structure: HessianStructure,
+        kfac_approx: KFACApprox,
+        dtype: torch.dtype,
+        device: torch.device,
+    ):
+        self.sites, self.sizes, self.structure, self.kfac_approx = (
+            sites,
+            sizes,
+            structure,
+            kfac_approx,
+        )
+        self.dtype, self.device = dtype, device
+        n = sum(sizes)
+        if structure == HessianStructure.FULL:
+            self.H = torch.zeros(n, n, dtype=dtype, device=device)
+        elif structure == HessianStructure.DIAG:
+            self.H = torch.zeros(n, dtype=dtype, device=device)
+        else:
+            self.A = {}  # site index -> summed input factor
+            self.A_count = {}
+            self.B = {}
+
     def add(self, inputs: list[Tensor], grads: list[Tensor], mask: Tensor | None) -> None:
         """Add one column's contribution (all examples of the batch)."""
         if self.structure == HessianStructure.KRON:
@@ -248,7 +261,11 @@ class Curvature:
         return (a3 * w).sum(1) / w.sum(1).clamp_min(1.0), a3.shape[0]
 
     def _add_kron(self, i: int, a: Tensor, g: Tensor, mask: Tensor | None) -> None:
-        g2 = g.reshape(-1, g.shape[-1]) if a.ndim == 2 or self.kfac_approx == KFACApprox.EXPAND else None
+        g2 = (
+            g.reshape(-1, g.shape[-1])
+            if a.ndim == 2 or self.kfac_approx == KFACApprox.EXPAND
+            else None
+        )
         if g2 is None:
             g2 = g.reshape(g.shape[0], -1, g.shape[-1]).sum(1)
         B = g2.T @ g2
@@ -258,16 +275,7 @@ class Curvature:
             self.B[i] = B
 
     def _per_example_grads(self, inputs: list[Tensor], grads: list[Tensor]) -> Tensor:
-        chunks: list[Tensor | None] = [None] * len(self.sizes)
-        for s, a, g in zip(self.sites, inputs, grads):
-            n = a.shape[0]
-            a3 = a.reshape(n, -1, a.shape[-1])
-            g3 = g.reshape(n, -1, g.shape[-1])
-            if s.weight_index is not None:
-                chunks[s.weight_index] = torch.einsum("nto,nti->noi", g3, a3).reshape(n, -1)
-            if s.bias_index is not None:
-                chunks[s.bias_index] = g3.sum(1)
-        return torch.cat(chunks, dim=1)
+        return torch.cat(per_example_grads(self.sites, len(self.sizes), inputs, grads), dim=1)
 
     def kron_factors(self, scale: float = 1.0) -> list[tuple[Tensor, Tensor | None]]:
         """``(B, A)`` per trainable tensor in parameter order (``A`` is None for a bias)."""
@@ -279,6 +287,23 @@ class Curvature:
             if s.bias_index is not None:
                 out[s.bias_index] = (B, None)
         return out
+
+
+def per_example_grads(
+    sites: list[LinearSite], n_tensors: int, inputs: list[Tensor], grads: list[Tensor]
+) -> list[Tensor]:
+    """Per-example gradients ``(n, numel)`` of each trainable tensor, in parameter order: a weight
+    gets ``Σ_t g_t a_tᵀ`` (flattened row-major), a bias ``Σ_t g_t``."""
+    chunks: list[Tensor | None] = [None] * n_tensors
+    for s, a, g in zip(sites, inputs, grads):
+        n = a.shape[0]
+        a3 = a.reshape(n, -1, a.shape[-1])
+        g3 = g.reshape(n, -1, g.shape[-1])
+        if s.weight_index is not None:
+            chunks[s.weight_index] = torch.einsum("nto,nti->noi", g3, a3).reshape(n, -1)
+        if s.bias_index is not None:
+            chunks[s.bias_index] = g3.sum(1)
+    return chunks
 
 
 def _position_mask(mask: Tensor | None, a3: Tensor) -> Tensor | None:

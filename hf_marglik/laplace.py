@@ -24,10 +24,15 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import batches as B
-from .curvature import Curvature, check_outputs, linear_sites, loss_columns, per_position
+from .curvature import Curvature, Recorder, check_outputs, linear_sites, loss_columns, per_position
 from .options import Backend, HessianStructure, KFACApprox, Likelihood, PriorStructure, coerce
-from .params import infer_prior_structure, per_parameter, prior_quadratic, prior_size
-from .params import trainable_parameters
+from .params import (
+    infer_prior_structure,
+    per_parameter,
+    prior_quadratic,
+    prior_size,
+    trainable_parameters,
+)
 
 MAX_DENSE_BLOCK = 8192
 """Largest K-FAC block (parameters of one tensor) for which a diagonal prior is handled by a
@@ -59,8 +64,9 @@ class Laplace:
             expand for causal_lm and reduce otherwise (:func:`default_kfac_approx`).
         dict_key_x, dict_key_y: keys of the model input and the targets in dict batches.
         n_mc_samples: samples per example for ``"ggn-mc"``.
-        enable_backprop: keep the log marginal likelihood differentiable in the model
-            parameters as well (reserved; the curvature itself is detached).
+        enable_backprop: laplace-torch's flag to make the marginal likelihood differentiable in
+            the model parameters. Accepted for signature compatibility; ``True`` is refused
+            (hf_marglik's curvature is detached from the parameters).
         seed: seed of the Monte-Carlo targets (a fit is then reproducible).
     """
 
@@ -90,6 +96,11 @@ class Laplace:
             if kfac_approx is None
             else coerce(KFACApprox, kfac_approx, "kfac_approx")
         )
+        if enable_backprop:
+            raise NotImplementedError(
+                "enable_backprop=True (a marginal likelihood differentiable in the model "
+                "parameters) is not supported: hf_marglik's curvature is detached. Leave it False."
+            )
         if n_mc_samples < 1:
             raise ValueError(f"n_mc_samples={n_mc_samples} must be at least 1.")
         if not temperature > 0:
@@ -192,15 +203,21 @@ class Laplace:
         if self.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(self.seed)
         curv = Curvature(
-            self._sites, self._sizes, self.hessian_structure, self.kfac_approx, self.dtype, self.device
+            self._sites,
+            self._sizes,
+            self.hessian_structure,
+            self.kfac_approx,
+            self.dtype,
+            self.device,
         )
         loss = torch.zeros((), dtype=self.dtype, device=self.device)
         counted, n_outputs = 0, None
         model.eval()
         try:
-            with curv.recording(model):
+            rec = Recorder(self._sites, self.dtype)
+            with rec.recording(model):
                 for batch in tqdm(train_loader, desc="Curvature fit", disable=not progress_bar):
-                    n, k = self._fit_batch(curv, batch, generator, loss)
+                    n, k = self._fit_batch(rec, curv, batch, generator, loss)
                     counted, n_outputs = counted + n, k
         finally:
             model.train(was_training)
@@ -217,7 +234,9 @@ class Laplace:
         self._decompose(curv, scale)
         return self
 
-    def _fit_batch(self, curv: Curvature, batch, generator, loss: Tensor) -> tuple[int, int]:
+    def _fit_batch(
+        self, rec: Recorder, curv: Curvature, batch, generator, loss: Tensor
+    ) -> tuple[int, int]:
         inputs, y = B.split_batch(batch, self.dict_key_x, self.dict_key_y)
         inputs, y = B.to_device(inputs, self.device), B.to_device(y, self.device)
         mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
@@ -227,18 +246,24 @@ class Laplace:
             if self.likelihood != Likelihood.REGRESSION:
                 check_outputs(logits.shape[-1], self.backend)
             loss += B.nll_sum(t).detach().to(self.dtype)
-            acts = curv.inputs()
+            acts = rec.inputs()
             curv.add_inputs(acts, mask)
             cols = loss_columns(t, self.backend, self.n_mc_samples, generator)
-            if self.likelihood == Likelihood.CAUSAL_LM and self.hessian_structure != HessianStructure.KRON:
+            if (
+                self.likelihood == Likelihood.CAUSAL_LM
+                and self.hessian_structure != HessianStructure.KRON
+            ):
                 cols = per_position(cols, t.mask)
             cols = list(cols)
             for j, s in enumerate(cols):
                 torch.autograd.grad(
-                    t.logits, self._params, grad_outputs=s.to(t.logits.dtype),
-                    retain_graph=j < len(cols) - 1, allow_unused=True,
+                    t.logits,
+                    self._params,
+                    grad_outputs=s.to(t.logits.dtype),
+                    retain_graph=j < len(cols) - 1,
+                    allow_unused=True,
                 )
-                curv.add(acts, curv.output_grads(acts), mask)
+                curv.add(acts, rec.output_grads(acts), mask)
         return t.n_data, int(logits.shape[-1])
 
     def _decompose(self, curv: Curvature, scale: float) -> None:
@@ -328,9 +353,11 @@ class Laplace:
         ``MAX_DENSE_BLOCK`` parameters)."""
         total = prec.new_zeros(())
         for d, block in zip(torch.split(prec, self._sizes), self._dense_kron_blocks()):
-            total = total + 2 * torch.log(
-                torch.diagonal(torch.linalg.cholesky(f * block + torch.diag(d)))
-            ).sum()
+            total = (
+                total
+                + 2
+                * torch.log(torch.diagonal(torch.linalg.cholesky(f * block + torch.diag(d)))).sum()
+            )
         return total
 
     def _dense_kron_blocks(self) -> list[Tensor]:
@@ -350,6 +377,16 @@ class Laplace:
         lb, qb, la, qa = self._kron[i]
         Bm = qb @ torch.diag(lb) @ qb.T
         return Bm if la is None else torch.kron(Bm, qa @ torch.diag(la) @ qa.T)
+
+    # ----------------------------------------------------------------- predictive
+    def __call__(self, batch, pred_type="glm", link_approx="probit", n_samples=100, generator=None):
+        """Posterior predictive for a batch (its targets, if any, are ignored): class
+        probabilities, or for regression the function's mean and variance. ``pred_type``:
+        ``"glm"`` (linearised, ``link_approx`` ``"probit"`` or ``"mc"``) or ``"nn"`` (parameter
+        samples); see :mod:`hf_marglik.predictive`."""
+        from .predictive import predictive
+
+        return predictive(self, batch, pred_type, link_approx, n_samples, generator)
 
     # ----------------------------------------------------------------- inspection
     def kron_factors(self) -> list[tuple[Tensor, Tensor | None]]:

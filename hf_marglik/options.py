@@ -79,3 +79,21 @@ def coerce(enum_cls: type[E], value: str | E, name: str) -> E:
     except ValueError:
         choices = ", ".join(repr(m.value) for m in enum_cls)
         raise ValueError(f"{name}={value!r} is not valid; choose one of {choices}.") from None
+
+
+class PredType(str, Enum):
+    """How the posterior predictive is formed (laplace-torch's names)."""
+
+    GLM = "glm"
+    """Linearised network: the outputs are Gaussian with covariance ``J Σ Jᵀ``."""
+    NN = "nn"
+    """Monte-Carlo over parameter samples from the posterior, averaging the softmax."""
+
+
+class LinkApprox(str, Enum):
+    """How the GLM's Gaussian over logits is pushed through the softmax."""
+
+    PROBIT = "probit"
+    """Closed form: ``softmax(f / sqrt(1 + π/8 · diag(J Σ Jᵀ)))`` (MacKay's probit)."""
+    MC = "mc"
+    """Monte-Carlo samples of the logits from the Gaussian."""

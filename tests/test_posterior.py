@@ -1,0 +1,148 @@
+"""The posterior predictive against dense references on a tiny float64 MLP."""
+
+import pytest
+import torch
+from torch import nn
+
+from hf_marglik import Laplace, calibration_metrics
+from hf_marglik.params import per_parameter
+from hf_marglik.posterior import covariance_dense, sample
+from hf_marglik.predictive import glm_moments
+
+CASES = [
+    ("kron", "scalar"),
+    ("kron", "layerwise"),
+    ("kron", "diag"),
+    ("full", "layerwise"),
+    ("diag", "layerwise"),
+]
+
+
+def _setup(likelihood="classification", seed=0):
+    torch.manual_seed(seed)
+    X = torch.randn(30, 4, dtype=torch.float64)
+    k = 3 if likelihood == "classification" else 2
+    y = torch.randint(0, 3, (30,)) if k == 3 else torch.randn(30, 2, dtype=torch.float64)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, k)).double()
+    return model, [(X[:15], y[:15]), (X[15:], y[15:])], torch.randn(4, 4, dtype=torch.float64)
+
+
+def _prior(structure, n_layers, n_params):
+    g = torch.Generator().manual_seed(1)
+    n = {"scalar": 1, "layerwise": n_layers, "diag": n_params}[structure]
+    return torch.rand(n, generator=g, dtype=torch.float64) + 0.5
+
+
+def _jacobian(model, x):
+    params = list(model.parameters())
+    theta = torch.cat([p.detach().reshape(-1) for p in params])
+
+    def f(flat):
+        chunks = torch.split(flat, [p.numel() for p in params])
+        named = {n: c.view_as(p) for (n, p), c in zip(model.named_parameters(), chunks)}
+        return torch.func.functional_call(model, named, (x,))
+
+    return torch.autograd.functional.jacobian(f, theta)
+
+
+def _dense_sigma(lap):
+    P = torch.diag(per_parameter(lap.prior_precision, lap._sizes))
+    f = 1.0 / (lap.sigma_noise**2 * lap.temperature)
+    return torch.linalg.inv(f * lap.curvature_dense() + P)
+
+
+@pytest.mark.parametrize("structure,prior", CASES)
+def test_glm_covariance_equals_dense_j_sigma_jt(structure, prior):
+    model, data, xt = _setup()
+    probe = Laplace(model, "classification", hessian_structure=structure)
+    prec = _prior(prior, probe.n_layers, probe.n_params)
+    lap = Laplace(model, "classification", hessian_structure=structure, prior_precision=prec)
+    lap.fit(data)
+    S = _dense_sigma(lap)
+    torch.testing.assert_close(covariance_dense(lap), S, rtol=1e-9, atol=1e-12)
+    J = _jacobian(model, xt)
+    _, cov = glm_moments(lap, xt)
+    torch.testing.assert_close(cov, torch.einsum("ncp,pq,ndq->ncd", J, S, J), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("structure,prior", CASES)
+def test_samples_converge_to_posterior_covariance(structure, prior):
+    model, data, _ = _setup()
+    probe = Laplace(model, "classification", hessian_structure=structure)
+    prec = _prior(prior, probe.n_layers, probe.n_params)
+    lap = Laplace(model, "classification", hessian_structure=structure, prior_precision=prec)
+    lap.fit(data)
+    S = _dense_sigma(lap)
+    g = torch.Generator().manual_seed(0)
+    n = 20000
+    draws = torch.stack([torch.cat(sample(lap, g)) for _ in range(n)])
+    emp = draws.T @ draws / n
+    # standard error of a covariance entry is about sqrt((S_ii S_jj + S_ij²) / n)
+    se = torch.sqrt((torch.outer(S.diagonal(), S.diagonal()) + S**2) / n)
+    assert ((emp - S).abs() / se).max() < 6.0
+    assert draws.mean(0).abs().max() < 6.0 * S.diagonal().sqrt().max() / n**0.5
+
+
+def test_probit_and_mc_links_agree_and_nn_is_close():
+    model, data, xt = _setup()
+    lap = Laplace(model, "classification", prior_precision=1.0).fit(data)
+    g = torch.Generator().manual_seed(0)
+    probit = lap(xt)
+    mc = lap(xt, link_approx="mc", n_samples=20000, generator=g)
+    nn_pred = lap(xt, pred_type="nn", n_samples=2000, generator=g)
+    for p in (probit, mc, nn_pred):
+        torch.testing.assert_close(p.sum(-1), torch.ones(4, dtype=torch.float64))
+    # probit is MacKay's approximation to the MC integral: close, not equal
+    assert (probit - mc).abs().max() < 0.05
+    assert (nn_pred - mc).abs().max() < 0.1
+
+
+def test_nn_predictive_restores_parameters_and_mode():
+    model, data, xt = _setup()
+    model.train()
+    lap = Laplace(model, "classification").fit(data)
+    before = [p.detach().clone() for p in model.parameters()]
+    lap(xt, pred_type="nn", n_samples=5)
+    assert model.training
+    for b, p in zip(before, model.parameters()):
+        assert torch.equal(b, p)
+
+
+def test_regression_glm_returns_function_mean_and_variance():
+    model, data, xt = _setup("regression")
+    lap = Laplace(model, "regression", sigma_noise=0.5, prior_precision=2.0).fit(data)
+    mean, var = lap(xt)
+    torch.testing.assert_close(mean, model(xt).detach())
+    J = _jacobian(model, xt)
+    ref = torch.einsum("ncp,pq,ncq->nc", J, _dense_sigma(lap), J)
+    torch.testing.assert_close(var, ref, rtol=1e-9, atol=1e-12)
+
+
+def test_state_dict_round_trip_predicts_identically():
+    model, data, xt = _setup()
+    lap = Laplace(model, "classification", prior_precision=torch.tensor([0.5, 1.0, 2.0, 3.0]))
+    lap.fit(data)
+    restored = Laplace(model, "classification")
+    restored.load_state_dict(lap.state_dict())
+    assert restored.log_marginal_likelihood() == lap.log_marginal_likelihood()
+    assert torch.equal(restored(xt), lap(xt))
+
+
+def test_glm_refuses_large_output_spaces():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 100).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    lap = Laplace(model, "classification").fit([(x, torch.zeros(4, dtype=torch.long))])
+    with pytest.raises(ValueError, match="pred_type='nn'"):
+        lap(x)
+
+
+def test_calibration_metrics_against_hand_computed_values():
+    probs = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8], [0.5, 0.5]], dtype=torch.float64)
+    y = torch.tensor([0, 1, 1, 0])
+    m = calibration_metrics(probs, y, n_bins=15)
+    assert m["accuracy"] == pytest.approx(0.75)
+    assert m["nll"] == pytest.approx(-(torch.log(torch.tensor([0.9, 0.4, 0.8, 0.5]))).mean().item())
+    assert m["brier"] == pytest.approx((0.02 + 0.72 + 0.08 + 0.5) / 4)
+    # confidences 0.9, 0.6, 0.8, 0.5 fall in four different bins; correct: 1, 0, 1, 1
+    assert m["ece"] == pytest.approx((0.1 + 0.6 + 0.2 + 0.5) / 4)
