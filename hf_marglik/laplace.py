@@ -17,6 +17,7 @@ gradients in ``(P, σ)`` are cheap to evaluate many times.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
 
 import torch
@@ -461,3 +462,40 @@ class Laplace:
             self.__dict__.pop("_dense_blocks", None)
         else:
             self._H = sd["H"].to(self.dtype)
+
+    # ----------------------------------------------------------------- files
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the posterior (``state_dict``) to ``path`` (a ``.pt`` file), atomically, with the
+        constructor options so that :meth:`load` needs only the model."""
+        sd = self.state_dict()
+        sd["options"] = {
+            "dict_key_x": self.dict_key_x,
+            "dict_key_y": self.dict_key_y,
+            "n_mc_samples": self.n_mc_samples,
+        }
+        tmp = f"{os.fspath(path)}.tmp"
+        torch.save(sd, tmp)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model: nn.Module) -> Laplace:
+        """A fitted :class:`Laplace` over ``model``'s trainable parameters from a file written by
+        :meth:`save`; no data needed. The model must hold the same trainable tensors."""
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+        lap = cls(
+            model,
+            sd["likelihood"],
+            hessian_structure=sd["hessian_structure"],
+            backend=sd["backend"],
+            kfac_approx=sd["kfac_approx"],
+            temperature=sd["temperature"],
+            **sd.get("options", {}),
+        )
+        dev = lap.device
+        moved = {k: v.to(dev) if isinstance(v, Tensor) else v for k, v in sd.items()}
+        if "kron" in moved:
+            moved["kron"] = [
+                tuple(None if x is None else x.to(dev) for x in blk) for blk in moved["kron"]
+            ]
+        lap.load_state_dict(moved)
+        return lap

@@ -146,3 +146,15 @@ def test_calibration_metrics_against_hand_computed_values():
     assert m["brier"] == pytest.approx((0.02 + 0.72 + 0.08 + 0.5) / 4)
     # confidences 0.9, 0.6, 0.8, 0.5 fall in four different bins; correct: 1, 0, 1, 1
     assert m["ece"] == pytest.approx((0.1 + 0.6 + 0.2 + 0.5) / 4)
+
+
+def test_save_and_load_without_data(tmp_path):
+    model, data, xt = _setup()
+    lap = Laplace(model, "classification", prior_precision=torch.tensor([0.5, 1.0, 2.0, 3.0]))
+    lap.fit(data)
+    path = tmp_path / "posterior.pt"
+    lap.save(path)
+    loaded = Laplace.load(path, model)
+    assert loaded.log_marginal_likelihood() == lap.log_marginal_likelihood()
+    assert torch.equal(loaded(xt), lap(xt))
+    assert torch.equal(loaded.prior_precision, lap.prior_precision)
