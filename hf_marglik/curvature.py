@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import asdl
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from .batches import Targets
@@ -276,6 +277,22 @@ class Curvature:
 
     def _per_example_grads(self, inputs: list[Tensor], grads: list[Tensor]) -> Tensor:
         return torch.cat(per_example_grads(self.sites, len(self.sizes), inputs, grads), dim=1)
+
+    def all_reduce(self) -> None:
+        """Sum the accumulated curvature over the processes of a ``torch.distributed`` group
+        (data-parallel fits: each process saw its shard)."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        if self.structure != HessianStructure.KRON:
+            dist.all_reduce(self.H)
+            return
+        for i in sorted(self.B):
+            dist.all_reduce(self.B[i])
+        for i in sorted(self.A):
+            dist.all_reduce(self.A[i])
+            count = torch.tensor(float(self.A_count[i]), device=self.A[i].device)
+            dist.all_reduce(count)
+            self.A_count[i] = int(count.item())
 
     def kron_factors(self, scale: float = 1.0) -> list[tuple[Tensor, Tensor | None]]:
         """``(B, A)`` per trainable tensor in parameter order (``A`` is None for a bias)."""

@@ -21,6 +21,7 @@ import os
 from collections.abc import Mapping
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -225,6 +226,7 @@ class Laplace:
             for p, flag, g in zip(model.parameters(), flags, grads):
                 p.requires_grad_(flag)
                 p.grad = g
+        counted = self._all_reduce(curv, loss, counted)
         if counted == 0:
             raise ValueError("The data has no data points (all targets are -100 or empty).")
         scale = 1.0 if n_data is None else n_data / counted
@@ -234,6 +236,17 @@ class Laplace:
         self._mean = torch.cat([p.detach().reshape(-1) for p in self._params]).to(self.dtype)
         self._decompose(curv, scale)
         return self
+
+    @staticmethod
+    def _all_reduce(curv: Curvature, loss: Tensor, counted: int) -> int:
+        """Sum curvature, loss and data count over data-parallel processes (no-op otherwise)."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return counted
+        curv.all_reduce()
+        dist.all_reduce(loss)
+        n = torch.tensor(float(counted), dtype=torch.float64, device=loss.device)
+        dist.all_reduce(n)
+        return int(n.item())
 
     def _fit_batch(
         self, rec: Recorder, curv: Curvature, batch, generator, loss: Tensor
