@@ -48,6 +48,27 @@ def default_kfac_approx(likelihood: Likelihood) -> KFACApprox:
     return KFACApprox.EXPAND if likelihood == Likelihood.CAUSAL_LM else KFACApprox.REDUCE
 
 
+def _truncate(lam: Tensor, Q: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """Leading ``rank`` eigenpairs first, then the mean of the rest repeated (``eigh`` order is
+    ascending)."""
+    k = Q.shape[1]
+    if k <= rank or k < lam.numel():  # small, or already compressed
+        return lam, Q
+    order = torch.argsort(lam, descending=True)
+    lam, Q = lam[order], Q[:, order]
+    rest = lam[rank:].mean()
+    return torch.cat([lam[:rank], rest.expand(lam.numel() - rank)]), Q[:, :rank].contiguous()
+
+
+def _factor_dense(lam: Tensor, Q: Tensor) -> Tensor:
+    """The dense factor from its (possibly compressed) eigendecomposition."""
+    k = Q.shape[1]
+    M = Q @ torch.diag(lam[:k]) @ Q.T
+    if k < lam.numel():
+        M = M + lam[k] * (torch.eye(Q.shape[0], dtype=Q.dtype, device=Q.device) - Q @ Q.T)
+    return M
+
+
 class Laplace:
     """A Gaussian posterior ``N(θ*, (f·H + P)⁻¹)`` over the parameters with ``requires_grad=True``.
 
@@ -284,19 +305,48 @@ class Laplace:
         self.n_clipped = 0
         self.__dict__.pop("_dense_blocks", None)
         if self.hessian_structure == HessianStructure.KRON:
-            self._kron = []
+            blocks = []
             for Bf, Af in curv.kron_factors(scale):
                 lb, qb = self._eigh(Bf)
                 la, qa = (None, None) if Af is None else self._eigh(Af)
-                self._kron.append((lb, qb, la, qa))
-            self._kron_eigs = [
-                lb if la is None else torch.outer(lb, la).reshape(-1) for lb, _, la, _ in self._kron
-            ]
+                blocks.append((lb, qb, la, qa))
+            self._set_kron(blocks)
         elif self.hessian_structure == HessianStructure.FULL:
             self._H = curv.H * scale
             self._H = 0.5 * (self._H + self._H.T)
         else:
             self._H = curv.H * scale
+
+    def _set_kron(self, blocks: list[tuple]) -> None:
+        """Store K-FAC blocks ``(λ_B, Q_B, λ_A, Q_A)`` (eigenvalues, eigenvectors; ``Q`` may hold
+        only the leading eigenvectors, see :meth:`compress`)."""
+        self._kron = blocks
+        self._kron_eigs = [
+            lb if la is None else torch.outer(lb, la).reshape(-1) for lb, _, la, _ in blocks
+        ]
+        self.__dict__.pop("_dense_blocks", None)
+
+    def compress(self, rank: int) -> Laplace:
+        """Keep, of every K-FAC factor with more than ``rank`` rows, only its ``rank`` leading
+        eigenpairs and replace the other eigenvalues by their mean (an isotropic remainder that
+        preserves the trace). Storage per factor drops from ``d²`` to ``d·rank``; the marginal
+        likelihood, samples and the GLM predictive use the compressed factors exactly as
+        stored. Returns ``self``."""
+        self._check_fitted()
+        if self.hessian_structure != HessianStructure.KRON:
+            raise ValueError("compress() applies to hessian_structure='kron'.")
+        if rank < 1:
+            raise ValueError(f"rank={rank} must be at least 1.")
+        self._set_kron(
+            [
+                (
+                    *_truncate(lb, qb, rank),
+                    *((None, None) if la is None else _truncate(la, qa, rank)),
+                )
+                for lb, qb, la, qa in self._kron
+            ]
+        )
+        return self
 
     def _eigh(self, M: Tensor) -> tuple[Tensor, Tensor]:
         lam, Q = torch.linalg.eigh(0.5 * (M + M.T))
@@ -389,8 +439,8 @@ class Laplace:
 
     def _recompose(self, i: int) -> Tensor:
         lb, qb, la, qa = self._kron[i]
-        Bm = qb @ torch.diag(lb) @ qb.T
-        return Bm if la is None else torch.kron(Bm, qa @ torch.diag(la) @ qa.T)
+        Bm = _factor_dense(lb, qb)
+        return Bm if la is None else torch.kron(Bm, _factor_dense(la, qa))
 
     # ----------------------------------------------------------------- predictive
     def __call__(self, batch, pred_type="glm", link_approx="probit", n_samples=100, generator=None):
@@ -409,11 +459,10 @@ class Laplace:
         self._check_fitted()
         if self.hessian_structure != HessianStructure.KRON:
             raise ValueError("kron_factors() needs hessian_structure='kron'.")
-        out = []
-        for lb, qb, la, qa in self._kron:
-            Bm = qb @ torch.diag(lb) @ qb.T
-            out.append((Bm, None if la is None else qa @ torch.diag(la) @ qa.T))
-        return out
+        return [
+            (_factor_dense(lb, qb), None if la is None else _factor_dense(la, qa))
+            for lb, qb, la, qa in self._kron
+        ]
 
     def curvature_dense(self) -> Tensor:
         """The curvature ``H`` (no prior, no ``f``) as a dense ``(P, P)`` matrix in the flat
@@ -468,11 +517,7 @@ class Laplace:
         self.loss = sd["loss"].to(self.dtype)
         self._mean = sd["mean"].to(self.dtype)
         if "kron" in sd:
-            self._kron = [tuple(x for x in blk) for blk in sd["kron"]]
-            self._kron_eigs = [
-                lb if la is None else torch.outer(lb, la).reshape(-1) for lb, _, la, _ in self._kron
-            ]
-            self.__dict__.pop("_dense_blocks", None)
+            self._set_kron([tuple(x for x in blk) for blk in sd["kron"]])
         else:
             self._H = sd["H"].to(self.dtype)
 

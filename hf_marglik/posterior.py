@@ -51,6 +51,36 @@ def _isotropic_kron(lap) -> bool:
     )
 
 
+def _half_kron(lb, qb, la, qa, f, d, X: Tensor) -> Tensor:
+    """``Σ^{1/2} X`` for one K-FAC block with an isotropic prior ``d``; ``X`` is ``(m, d_out)``
+    for a bias or ``(m, d_out, d_in)`` for a weight.
+
+    A factor may hold only its leading eigenvectors (``q`` with fewer columns than ``l`` has
+    entries): the remaining eigenvalues are all equal (``l[k:]``, an isotropic remainder), so the
+    orthogonal complement of ``q`` is an eigenspace and is handled by projection.
+    """
+    kb = qb.shape[1]
+    if la is None:
+        c = X @ qb
+        out = (c * torch.rsqrt(f * lb[:kb] + d)) @ qb.T
+        if kb < lb.numel():
+            out = out + torch.rsqrt(f * lb[kb] + d) * (X - c @ qb.T)
+        return out
+    ka = qa.shape[1]
+    Xa = X @ qa  # (m, d_out, ka)
+    top = qb.T @ Xa  # (m, kb, ka)
+    out = qb @ (top * torch.rsqrt(f * torch.outer(lb[:kb], la[:ka]) + d)) @ qa.T
+    rem_a, rem_b = ka < la.numel(), kb < lb.numel()
+    if rem_a:
+        Xr = X - Xa @ qa.T
+        out = out + qb @ ((qb.T @ Xr) * torch.rsqrt(f * lb[:kb] * la[ka] + d)[:, None])
+    if rem_b:
+        out = out + ((Xa - qb @ top) * torch.rsqrt(f * lb[kb] * la[:ka] + d)) @ qa.T
+    if rem_a and rem_b:
+        out = out + torch.rsqrt(f * lb[kb] * la[ka] + d) * (Xr - qb @ (qb.T @ Xr))
+    return out
+
+
 def sample(lap, generator: torch.Generator | None = None) -> list[Tensor]:
     """One draw ``θ − θ*`` from the posterior, as flat vectors per trainable tensor."""
     lap._check_fitted()
@@ -63,11 +93,8 @@ def sample(lap, generator: torch.Generator | None = None) -> list[Tensor]:
     if _isotropic_kron(lap):
         out = []
         for (lb, qb, la, qa), d in zip(lap._kron, _prior_chunks(lap)):
-            if la is None:
-                out.append(qb @ (normal(lb.numel()) / torch.sqrt(f * lb + d)))
-            else:
-                D = torch.rsqrt(f * torch.outer(lb, la) + d)
-                out.append((qb @ (normal(lb.numel(), la.numel()) * D) @ qa.T).reshape(-1))
+            shape = (1, lb.numel()) if la is None else (1, lb.numel(), la.numel())
+            out.append(_half_kron(lb, qb, la, qa, f, d, normal(*shape)).reshape(-1))
         return out
     if lap.hessian_structure == HessianStructure.DIAG:
         from .params import per_parameter
@@ -88,12 +115,8 @@ def quadratic(lap, chunks: list[Tensor]) -> Tensor:
     if _isotropic_kron(lap):
         total = 0
         for (lb, qb, la, qa), d, J in zip(lap._kron, _prior_chunks(lap), chunks):
-            if la is None:
-                R = (J @ qb) * torch.rsqrt(f * lb + d)
-            else:
-                G = J.reshape(J.shape[0], lb.numel(), la.numel())
-                R = (qb.T @ G @ qa) * torch.rsqrt(f * torch.outer(lb, la) + d)
-                R = R.reshape(J.shape[0], -1)
+            X = J if la is None else J.reshape(J.shape[0], lb.numel(), la.numel())
+            R = _half_kron(lb, qb, la, qa, f, d, X).reshape(J.shape[0], -1)
             total = total + R @ R.T
         return total
     if lap.hessian_structure == HessianStructure.DIAG:

@@ -158,3 +158,58 @@ def test_save_and_load_without_data(tmp_path):
     assert loaded.log_marginal_likelihood() == lap.log_marginal_likelihood()
     assert torch.equal(loaded(xt), lap(xt))
     assert torch.equal(loaded.prior_precision, lap.prior_precision)
+
+
+def _wide_setup():
+    torch.manual_seed(3)
+    X = torch.randn(40, 6, dtype=torch.float64)
+    y = torch.randint(0, 4, (40,))
+    model = nn.Sequential(nn.Linear(6, 7), nn.Tanh(), nn.Linear(7, 4)).double()
+    return model, [(X, y)], torch.randn(3, 6, dtype=torch.float64)
+
+
+def test_compressed_factors_are_used_consistently():
+    model, data, xt = _wide_setup()
+    prec = torch.tensor([0.5, 1.0, 2.0, 3.0], dtype=torch.float64)
+    lap = Laplace(model, "classification", prior_precision=prec).fit(data)
+    full_lml = lap.log_marginal_likelihood()
+    lap.compress(rank=3)
+    for (lb, qb, la, qa), (Bm, Am) in zip(lap._kron, lap.kron_factors()):
+        assert qb.shape[1] == min(3, Bm.shape[0])
+        # the trace is preserved and the compressed factor is PSD
+        assert torch.linalg.eigvalsh(Bm).min() > -1e-12
+        if Am is not None:
+            assert qa.shape[1] == min(3, Am.shape[0])
+    # the posterior of the compressed factors, densely
+    S = _dense_sigma(lap)
+    torch.testing.assert_close(covariance_dense(lap), S, rtol=1e-9, atol=1e-12)
+    J = _jacobian(model, xt)
+    _, cov = glm_moments(lap, xt)
+    torch.testing.assert_close(cov, torch.einsum("ncp,pq,ndq->ncd", J, S, J), rtol=1e-9, atol=1e-12)
+    P = torch.diag(per_parameter(lap.prior_precision, lap._sizes))
+    theta = lap.mean
+    dense_lml = -lap.loss - 0.5 * (
+        torch.logdet(lap.curvature_dense() + P) - torch.logdet(P) + theta @ P @ theta
+    )
+    torch.testing.assert_close(lap.log_marginal_likelihood(), dense_lml, rtol=1e-10, atol=1e-10)
+    # the error this causes in the marginal likelihood is small here (documented in BENCHMARKS.md)
+    assert abs(float(lap.log_marginal_likelihood() - full_lml)) < 0.05 * abs(float(full_lml))
+
+
+def test_compressed_samples_follow_compressed_covariance():
+    model, data, _ = _wide_setup()
+    lap = Laplace(model, "classification", prior_precision=0.7).fit(data).compress(rank=2)
+    S = _dense_sigma(lap)
+    g = torch.Generator().manual_seed(0)
+    n = 20000
+    draws = torch.stack([torch.cat(sample(lap, g)) for _ in range(n)])
+    se = torch.sqrt((torch.outer(S.diagonal(), S.diagonal()) + S**2) / n)
+    assert ((draws.T @ draws / n - S).abs() / se).max() < 6.0
+
+
+def test_compress_with_rank_above_sizes_changes_nothing():
+    model, data, xt = _wide_setup()
+    lap = Laplace(model, "classification").fit(data)
+    before = lap.log_marginal_likelihood()
+    lap.compress(rank=100)
+    assert lap.log_marginal_likelihood() == before
