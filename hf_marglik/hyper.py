@@ -1,0 +1,289 @@
+"""The hyperparameters of marginal-likelihood training and their optimiser.
+
+Algorithm 1 of Immer et al. (ICML 2021), as in laplace-torch's ``marglik_training``: the log
+prior precision ``log δ`` (one value, one per trainable tensor, or one per parameter) and, for
+regression, the log observation noise ``log σ`` are optimised with Adam on the negative Laplace
+log marginal likelihood ``−log p(D | δ, σ)`` of a fitted :class:`~hf_marglik.Laplace`, while the
+network is trained on the log joint. The training loss carries the prior term
+
+    ½ θᵀPθ / c,   c = T (categorical likelihoods)  or  c = T / (2σ²) (regression),
+
+added to a likelihood term summed over the data (cross-entropy; squared error for regression)
+and divided by the number of data points, which is laplace-torch's scaling (``crit_factor``).
+
+:func:`count_data_points` counts the data points ``N`` that the likelihood sums over (sequences
+for classification and regression, target tokens for causal LM) without calling the model.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import Tensor
+
+from .batches import split_batch, targets_for
+from .options import Likelihood, PriorStructure, coerce
+from .params import prior_quadratic, prior_size
+
+
+def check_settings(
+    *,
+    lr_hyp: float,
+    n_hypersteps: int,
+    marglik_frequency: int,
+    n_epochs_burnin: int,
+    prior_prec_init: float,
+    sigma_noise_init: float,
+    temperature: float,
+) -> None:
+    """Raise a ``ValueError`` that names the field and the fix for an invalid setting."""
+    checks = [
+        ("lr_hyp", lr_hyp, lr_hyp > 0, "a positive Adam step size, e.g. 0.1"),
+        ("n_hypersteps", n_hypersteps, n_hypersteps >= 1, "an integer >= 1, e.g. 10"),
+        (
+            "marglik_frequency",
+            marglik_frequency,
+            marglik_frequency >= 1,
+            "an integer >= 1 (1: after every epoch)",
+        ),
+        ("n_epochs_burnin", n_epochs_burnin, n_epochs_burnin >= 0, "an integer >= 0"),
+        ("prior_prec_init", prior_prec_init, prior_prec_init > 0, "a positive float, e.g. 1.0"),
+        ("sigma_noise_init", sigma_noise_init, sigma_noise_init > 0, "a positive float"),
+        ("temperature", temperature, temperature > 0, "a positive float (1.0: no tempering)"),
+    ]
+    for name, value, ok, fix in checks:
+        if not (ok and math.isfinite(value)):
+            raise ValueError(f"{name}={value!r} is invalid; set {name} to {fix}.")
+
+
+def n_targets(y: Tensor, likelihood: Likelihood, attention_mask: Tensor | None = None) -> int:
+    """The number of data points in targets ``y``, by the rule of :func:`batches.targets_for`
+    (-100 and padding are not data), without the model's logits."""
+    if y.numel() == 0:
+        return 0
+    if likelihood == Likelihood.REGRESSION:
+        shape = tuple(y.shape) if y.ndim == 2 else (y.shape[0], 1)
+    else:
+        shape = (*y.shape, int(y.max().clamp_min(0)) + 1)
+    dummy = torch.zeros((), device=y.device).expand(shape)
+    return targets_for(dummy, y, likelihood, attention_mask).n_data
+
+
+def batch_targets(batch, likelihood: Likelihood, dict_key_x: str, dict_key_y: str) -> int:
+    """The number of data points in one batch (see :func:`n_targets`)."""
+    inputs, y = split_batch(batch, dict_key_x, dict_key_y)
+    mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
+    return n_targets(y, likelihood, mask)
+
+
+def count_data_points(
+    loader: Iterable, likelihood: Likelihood, dict_key_x: str, dict_key_y: str
+) -> int:
+    """``N``: the data points that the likelihood sums over, in one pass over the targets of
+    ``loader`` (no model call). The global RNG state is left as it was, so counting does not
+    change a shuffled loader's order or any later random draw."""
+    with torch.random.fork_rng(devices=[]):
+        n = sum(batch_targets(b, likelihood, dict_key_x, dict_key_y) for b in loader)
+    if n == 0:
+        raise ValueError(
+            "The training data has no data points: every target is -100 or padding. Check "
+            "dict_key_y and the data collator."
+        )
+    return int(n)
+
+
+class HyperOptimizer:
+    """Log prior precision and log observation noise, with one Adam whose state persists across
+    marginal-likelihood steps.
+
+    Args:
+        sizes: the number of elements of each trainable tensor (``named_parameters`` order).
+        likelihood: ``"classification"``, ``"regression"`` or ``"causal_lm"``.
+        prior_structure: ``"scalar"`` (one precision), ``"layerwise"`` (one per tensor) or
+            ``"diag"`` (one per parameter).
+        prior_prec_init: the initial precision; the parameter starts at
+            ``log(temperature * prior_prec_init)`` as in laplace-torch.
+        sigma_noise_init: the initial observation noise (regression).
+        temperature: the likelihood temperature ``T``.
+        fix_sigma_noise: keep ``σ = sigma_noise_init`` (regression); ``σ`` is 1 and not learned
+            for categorical likelihoods.
+        lr_hyp: Adam's step size.
+    """
+
+    def __init__(
+        self,
+        sizes: list[int],
+        likelihood: Likelihood | str,
+        prior_structure: PriorStructure | str = PriorStructure.LAYERWISE,
+        prior_prec_init: float = 1.0,
+        sigma_noise_init: float = 1.0,
+        temperature: float = 1.0,
+        fix_sigma_noise: bool = False,
+        lr_hyp: float = 0.1,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        check_settings(
+            lr_hyp=lr_hyp,
+            n_hypersteps=1,
+            marglik_frequency=1,
+            n_epochs_burnin=0,
+            prior_prec_init=prior_prec_init,
+            sigma_noise_init=sigma_noise_init,
+            temperature=temperature,
+        )
+        self.likelihood = coerce(Likelihood, likelihood, "likelihood")
+        self.prior_structure = coerce(PriorStructure, prior_structure, "prior_structure")
+        self.temperature = float(temperature)
+        self.sigma_noise_init = float(sigma_noise_init)
+        n_prec = prior_size(self.prior_structure, list(sizes))
+        dtype = torch.get_default_dtype() if dtype is None else dtype
+        init = math.log(temperature * prior_prec_init)
+        self.log_prior_prec = torch.full((n_prec,), init, device=device, dtype=dtype)
+        self.log_prior_prec.requires_grad_(True)
+        hypers = [self.log_prior_prec]
+        self.log_sigma_noise: Tensor | None = None
+        if self.likelihood == Likelihood.REGRESSION and not fix_sigma_noise:
+            self.log_sigma_noise = torch.full(
+                (1,), math.log(sigma_noise_init), device=device, dtype=dtype
+            )
+            self.log_sigma_noise.requires_grad_(True)
+            hypers.append(self.log_sigma_noise)
+        self.optimizer = torch.optim.Adam(hypers, lr=lr_hyp)
+        self.evaluated_prior_precision = self.prior_precision
+        self.evaluated_sigma_noise = self.sigma_noise
+
+    @property
+    def learns_sigma(self) -> bool:
+        return self.log_sigma_noise is not None
+
+    @property
+    def prior_precision(self) -> Tensor:
+        """``δ = exp(log δ)``, detached."""
+        return self.log_prior_prec.detach().exp()
+
+    @property
+    def sigma_noise(self) -> Tensor:
+        """``σ``, detached: learned (regression), ``sigma_noise_init`` (fixed), 1 (categorical)."""
+        if self.log_sigma_noise is not None:
+            return self.log_sigma_noise.detach().exp().reshape(())
+        value = self.sigma_noise_init if self.likelihood == Likelihood.REGRESSION else 1.0
+        return torch.tensor(
+            value, dtype=self.log_prior_prec.dtype, device=self.log_prior_prec.device
+        )
+
+    @property
+    def crit_factor(self) -> float:
+        """laplace-torch's ``crit_factor``: ``T``, or ``T / (2σ²)`` for regression."""
+        if self.likelihood == Likelihood.REGRESSION:
+            return self.temperature / (2 * float(self.sigma_noise) ** 2)
+        return self.temperature
+
+    @property
+    def likelihood_scale(self) -> float:
+        """Factor from :func:`batches.nll_sum` to the summed training criterion: 1 for
+        cross-entropy, 2 for regression (``nll_sum`` is ``½‖f − y‖²``; laplace-torch trains on the
+        squared error)."""
+        return 2.0 if self.likelihood == Likelihood.REGRESSION else 1.0
+
+    def prior_term(self, params: list[Tensor]) -> Tensor:
+        """``½ θᵀPθ / crit_factor`` at the current precision, differentiable in ``params``."""
+        prec = self.prior_precision.to(params[0].dtype)
+        return 0.5 * prior_quadratic(prec, params) / self.crit_factor
+
+    def step(self, lap, n_hypersteps: int) -> list[float]:
+        """Take ``n_hypersteps`` Adam steps on ``−lap.log_marginal_likelihood(δ, σ)``.
+
+        Returns the negative log marginal likelihoods, one per step, each evaluated before its
+        step; ``evaluated_prior_precision`` / ``evaluated_sigma_noise`` hold the values of the
+        last one. A non-finite value or gradient, or a step that would make a precision or the
+        noise 0 or infinite, is skipped with a warning and the remaining steps are dropped; the
+        hyperparameters keep their previous values.
+        """
+        values: list[float] = []
+        for _ in range(n_hypersteps):
+            self.optimizer.zero_grad()
+            prec = self.log_prior_prec.exp()
+            sigma = self.log_sigma_noise.exp().reshape(()) if self.learns_sigma else None
+            try:
+                neg = -lap.log_marginal_likelihood(prec, sigma)
+            except (RuntimeError, ValueError) as err:  # e.g. a failed Cholesky factorisation
+                self._skip(f"the log marginal likelihood could not be evaluated ({err})")
+                break
+            if not torch.isfinite(neg):
+                self._skip(f"the log marginal likelihood is {-neg.item()}")
+                break
+            neg.backward()
+            if not all(torch.isfinite(h.grad).all() for h in self._hypers() if h.grad is not None):
+                self._skip("its gradient is not finite")
+                values.append(neg.item())
+                self._record(prec, sigma)
+                break
+            saved = self.state_dict()
+            self.optimizer.step()
+            values.append(neg.item())
+            self._record(prec, sigma)
+            if not self._valid():
+                self.load_state_dict(saved)
+                self._skip("the step would make a precision or the noise 0 or infinite")
+                break
+        self.optimizer.zero_grad()
+        return values
+
+    def _hypers(self) -> list[Tensor]:
+        return [self.log_prior_prec] + ([self.log_sigma_noise] if self.learns_sigma else [])
+
+    def _record(self, prec: Tensor, sigma: Tensor | None) -> None:
+        self.evaluated_prior_precision = prec.detach().clone()
+        self.evaluated_sigma_noise = self.sigma_noise if sigma is None else sigma.detach().clone()
+
+    def _valid(self) -> bool:
+        for h in self._hypers():
+            v = h.detach().exp()
+            if not (torch.isfinite(v).all() and (v > 0).all()):
+                return False
+        return True
+
+    @staticmethod
+    def _skip(reason: str) -> None:
+        warnings.warn(
+            f"Skipping the hyperparameter update: {reason}. The prior precision and noise keep "
+            "their previous values. Try a smaller lr_hyp or a larger prior_prec_init.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue exactly: the parameters, Adam's state, the values at the
+        last evaluation."""
+        return {
+            "log_prior_prec": self.log_prior_prec.detach().clone(),
+            "log_sigma_noise": None
+            if self.log_sigma_noise is None
+            else self.log_sigma_noise.detach().clone(),
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+            "evaluated_prior_precision": self.evaluated_prior_precision.clone(),
+            "evaluated_sigma_noise": self.evaluated_sigma_noise.clone(),
+        }
+
+    def load_state_dict(self, sd: dict) -> None:
+        if sd["log_prior_prec"].shape != self.log_prior_prec.shape:
+            raise ValueError(
+                f"The saved prior precision has shape {tuple(sd['log_prior_prec'].shape)}, this "
+                f"run's has {tuple(self.log_prior_prec.shape)}: was prior_structure or the set of "
+                "trainable parameters changed?"
+            )
+        if (sd["log_sigma_noise"] is None) != (self.log_sigma_noise is None):
+            raise ValueError("The saved state and this run disagree on learning sigma_noise.")
+        with torch.no_grad():
+            self.log_prior_prec.copy_(sd["log_prior_prec"])
+            if self.log_sigma_noise is not None:
+                self.log_sigma_noise.copy_(sd["log_sigma_noise"])
+        self.optimizer.load_state_dict(copy.deepcopy(sd["optimizer"]))
+        device, dtype = self.log_prior_prec.device, self.log_prior_prec.dtype
+        self.evaluated_prior_precision = sd["evaluated_prior_precision"].to(device, dtype)
+        self.evaluated_sigma_noise = sd["evaluated_sigma_noise"].to(device, dtype)

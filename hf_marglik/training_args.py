@@ -1,0 +1,206 @@
+"""``MargLikTrainingArguments``: ``TrainingArguments`` plus the settings of marginal-likelihood
+training, named and defaulted as in laplace-torch's ``marglik_training``."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from .hyper import check_settings
+from .options import Backend, HessianStructure, KFACApprox, Likelihood, PriorStructure, coerce
+
+
+@dataclass
+class MargLikTrainingArguments(TrainingArguments):
+    """Arguments of :class:`~hf_marglik.trainer.MargLikTrainer`.
+
+    Model and likelihood:
+        likelihood: ``"classification"`` (one label per sequence), ``"regression"`` (Gaussian)
+            or ``"causal_lm"`` (one categorical per target token).
+        dict_key_x, dict_key_y: the batch keys of the model's main input and of the targets;
+            the targets are never passed to the model, the loss is computed from the logits.
+
+    Laplace approximation (the curvature behind the marginal likelihood):
+        hessian_structure: ``"kron"`` (K-FAC, default), ``"diag"`` or ``"full"`` (tiny models).
+        backend: ``"ggn"`` (exact GGN, one backward per class), ``"ggn-mc"`` (Monte-Carlo GGN,
+            the choice for a large vocabulary) or ``"ef"`` (empirical Fisher).
+        kfac_approx: ``"expand"`` / ``"reduce"`` for layers applied at every token; None picks
+            expand for causal_lm and reduce otherwise.
+        n_mc_samples: samples per data point for ``"ggn-mc"``.
+        marglik_subset: fit the curvature on a fixed random subset of the training data (drawn
+            once with ``seed``): a fraction in (0, 1] or, above 1, a number of examples. The
+            curvature and the loss are rescaled to the full data count. Right when a curvature
+            pass over the whole training set costs too much (it costs about one to a few epochs);
+            the marginal likelihood is then an estimate, and best-model selection compares
+            estimates made on the same subset.
+        enable_backprop: make the final Laplace approximation differentiable in the parameters.
+
+    Prior and hyperparameter optimisation:
+        prior_structure: ``"scalar"``, ``"layerwise"`` (one precision per trainable tensor,
+            default) or ``"diag"`` (one per parameter).
+        prior_prec_init, sigma_noise_init: initial prior precision and observation noise.
+        temperature: likelihood temperature (laplace-torch's convention).
+        fix_sigma_noise: keep the observation noise at ``sigma_noise_init`` (regression).
+        lr_hyp: Adam step size on the log hyperparameters.
+        n_hypersteps: hyperparameter steps per marginal-likelihood estimate.
+
+    Schedule:
+        n_epochs_burnin: no marginal-likelihood step before this many completed epochs.
+        marglik_frequency: estimate after every ``marglik_frequency``-th epoch (1: every epoch).
+        marglik_steps: estimate every ``marglik_steps`` optimizer steps instead of by epochs.
+            Right for runs shorter than a few epochs (one LLM epoch), where epoch boundaries
+            would give too few hyperparameter updates; ``marglik_frequency`` is then unused.
+        restore_best_marglik: at the end, restore the trainable parameters with the best
+            marginal likelihood seen (laplace-torch's behaviour); False keeps the last model.
+
+    ``weight_decay`` must stay 0: the learned prior replaces it (a positive value is set to 0
+    with a warning, as laplace-torch does).
+    """
+
+    likelihood: str = field(
+        default="classification",
+        metadata={"help": "Likelihood: 'classification', 'regression' or 'causal_lm'."},
+    )
+    hessian_structure: str = field(
+        default="kron",
+        metadata={
+            "help": "Curvature structure of the Laplace approximation: 'kron', 'diag', 'full'."
+        },
+    )
+    backend: str = field(
+        default="ggn",
+        metadata={"help": "Curvature: 'ggn' (exact GGN), 'ggn-mc' (Monte-Carlo GGN) or 'ef'."},
+    )
+    prior_structure: str = field(
+        default="layerwise",
+        metadata={"help": "Prior precision structure: 'scalar', 'layerwise' or 'diag'."},
+    )
+    lr_hyp: float = field(
+        default=0.1, metadata={"help": "Adam learning rate of the log hyperparameters."}
+    )
+    n_epochs_burnin: int = field(
+        default=0,
+        metadata={"help": "Epochs to complete before the first marginal-likelihood step."},
+    )
+    n_hypersteps: int = field(
+        default=10, metadata={"help": "Hyperparameter steps per marginal-likelihood estimate."}
+    )
+    marglik_frequency: int = field(
+        default=1,
+        metadata={"help": "Estimate the marginal likelihood after every n-th epoch."},
+    )
+    prior_prec_init: float = field(default=1.0, metadata={"help": "Initial prior precision."})
+    sigma_noise_init: float = field(
+        default=1.0, metadata={"help": "Initial observation noise (regression)."}
+    )
+    temperature: float = field(
+        default=1.0, metadata={"help": "Likelihood temperature (laplace-torch's convention)."}
+    )
+    fix_sigma_noise: bool = field(
+        default=False,
+        metadata={"help": "Keep the observation noise at sigma_noise_init (regression)."},
+    )
+    enable_backprop: bool = field(
+        default=False,
+        metadata={"help": "Make the final Laplace approximation differentiable."},
+    )
+    dict_key_x: str = field(
+        default="input_ids", metadata={"help": "Batch key of the model's main input."}
+    )
+    dict_key_y: str = field(default="labels", metadata={"help": "Batch key of the targets."})
+    kfac_approx: str | None = field(
+        default=None,
+        metadata={
+            "help": "K-FAC for weight sharing: 'expand' or 'reduce'; default: expand for "
+            "causal_lm, reduce otherwise."
+        },
+    )
+    n_mc_samples: int = field(
+        default=1, metadata={"help": "Monte-Carlo samples per data point for backend 'ggn-mc'."}
+    )
+    marglik_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "Estimate the marginal likelihood every n optimizer steps instead of by "
+            "epochs (for runs under a few epochs)."
+        },
+    )
+    marglik_subset: float | None = field(
+        default=None,
+        metadata={
+            "help": "Fit the curvature on a random subset of the training data: a fraction in "
+            "(0, 1] or a number of examples (> 1); rescaled to the full data count."
+        },
+    )
+    restore_best_marglik: bool = field(
+        default=True,
+        metadata={
+            "help": "Restore the parameters with the best marginal likelihood at the end; "
+            "False keeps the last model."
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.likelihood = coerce(Likelihood, self.likelihood, "likelihood")
+        self.hessian_structure = coerce(
+            HessianStructure, self.hessian_structure, "hessian_structure"
+        )
+        self.backend = coerce(Backend, self.backend, "backend")
+        self.prior_structure = coerce(PriorStructure, self.prior_structure, "prior_structure")
+        if self.kfac_approx is not None:
+            self.kfac_approx = coerce(KFACApprox, self.kfac_approx, "kfac_approx")
+        check_settings(
+            lr_hyp=self.lr_hyp,
+            n_hypersteps=self.n_hypersteps,
+            marglik_frequency=self.marglik_frequency,
+            n_epochs_burnin=self.n_epochs_burnin,
+            prior_prec_init=self.prior_prec_init,
+            sigma_noise_init=self.sigma_noise_init,
+            temperature=self.temperature,
+        )
+        if self.n_mc_samples < 1:
+            raise ValueError(f"n_mc_samples={self.n_mc_samples} is invalid; set it to >= 1.")
+        if self.marglik_steps is not None and self.marglik_steps < 1:
+            raise ValueError(
+                f"marglik_steps={self.marglik_steps} is invalid; set it to a number of optimizer "
+                "steps >= 1, or None to estimate by epochs (marglik_frequency)."
+            )
+        self._check_subset()
+        if self.weight_decay > 0:
+            warnings.warn(
+                f"weight_decay={self.weight_decay} is set to 0: the learned prior precision "
+                "replaces weight decay in marginal-likelihood training.",
+                UserWarning,
+                stacklevel=2,
+            )
+            self.weight_decay = 0.0
+        if self.load_best_model_at_end and self.restore_best_marglik:
+            raise ValueError(
+                "load_best_model_at_end=True and restore_best_marglik=True both pick the final "
+                "model; set one of them to False."
+            )
+        if self.label_smoothing_factor != 0:
+            raise ValueError(
+                "label_smoothing_factor must be 0: MargLikTrainer computes the likelihood itself "
+                "and a smoothed likelihood would not match the Laplace marginal likelihood."
+            )
+        if self.fix_sigma_noise and self.likelihood != Likelihood.REGRESSION:
+            warnings.warn(
+                "fix_sigma_noise only applies to likelihood='regression'; it has no effect here.",
+                UserWarning,
+                stacklevel=2,
+            )
+
+    def _check_subset(self) -> None:
+        s = self.marglik_subset
+        if s is None:
+            return
+        if not (s > 0 and math.isfinite(s)) or (s > 1 and s != int(s)):
+            raise ValueError(
+                f"marglik_subset={s!r} is invalid; set it to a fraction in (0, 1], a whole "
+                "number of examples > 1, or None to fit the curvature on all training data."
+            )
