@@ -2,6 +2,9 @@
 
 Public API:
 
+- :class:`MargLikTrainer` / :class:`MargLikTrainingArguments` — drop-in replacements for
+  ``transformers.Trainer`` / ``TrainingArguments`` that learn the prior precision (and noise).
+- :func:`marglik_training` — laplace-torch's function, same signature and return values.
 - :class:`Laplace` — K-FAC (or diagonal, or full) Laplace approximation over the trainable
   parameters, with a log marginal likelihood that is differentiable in the prior precision and
   the observation noise.
@@ -12,6 +15,7 @@ Public API:
 """
 
 from .laplace import Laplace
+from .marglik import marglik_training
 from .metrics import calibration_metrics
 from .options import (
     Backend,
@@ -22,8 +26,13 @@ from .options import (
     PredType,
     PriorStructure,
 )
+from .trainer import MargLikTrainer
+from .training_args import MargLikTrainingArguments
 
 __all__ = [
+    "MargLikTrainer",
+    "MargLikTrainingArguments",
+    "marglik_training",
     "Laplace",
     "Likelihood",
     "HessianStructure",
