@@ -39,8 +39,14 @@ def check_settings(
     prior_prec_init: float,
     sigma_noise_init: float,
     temperature: float,
+    enable_backprop: bool = False,
 ) -> None:
     """Raise a ``ValueError`` that names the field and the fix for an invalid setting."""
+    if enable_backprop:
+        raise NotImplementedError(
+            "enable_backprop=True (a marginal likelihood differentiable in the model parameters) "
+            "is not supported: hf_marglik's curvature is detached. Leave it False."
+        )
     checks = [
         ("lr_hyp", lr_hyp, lr_hyp > 0, "a positive Adam step size, e.g. 0.1"),
         ("n_hypersteps", n_hypersteps, n_hypersteps >= 1, "an integer >= 1, e.g. 10"),

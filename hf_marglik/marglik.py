@@ -114,6 +114,7 @@ def marglik_training(
         prior_prec_init=prior_prec_init,
         sigma_noise_init=sigma_noise_init,
         temperature=temperature,
+        enable_backprop=enable_backprop,
     )
     optimizer_kwargs = dict(optimizer_kwargs or {})
     if optimizer_kwargs.get("weight_decay", 0) != 0:

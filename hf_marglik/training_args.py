@@ -36,7 +36,7 @@ class MargLikTrainingArguments(TrainingArguments):
             pass over the whole training set costs too much (it costs about one to a few epochs);
             the marginal likelihood is then an estimate, and best-model selection compares
             estimates made on the same subset.
-        enable_backprop: make the final Laplace approximation differentiable in the parameters.
+        enable_backprop: laplace-torch's flag; accepted for compatibility, ``True`` is refused.
 
     Prior and hyperparameter optimisation:
         prior_structure: ``"scalar"``, ``"layerwise"`` (one precision per trainable tensor,
@@ -105,7 +105,10 @@ class MargLikTrainingArguments(TrainingArguments):
     )
     enable_backprop: bool = field(
         default=False,
-        metadata={"help": "Make the final Laplace approximation differentiable."},
+        metadata={
+            "help": "laplace-torch's flag for a marginal likelihood differentiable in the model "
+            "parameters; accepted for compatibility, True is refused (the curvature is detached)."
+        },
     )
     dict_key_x: str = field(
         default="input_ids", metadata={"help": "Batch key of the model's main input."}
@@ -161,6 +164,7 @@ class MargLikTrainingArguments(TrainingArguments):
             prior_prec_init=self.prior_prec_init,
             sigma_noise_init=self.sigma_noise_init,
             temperature=self.temperature,
+            enable_backprop=self.enable_backprop,
         )
         if self.n_mc_samples < 1:
             raise ValueError(f"n_mc_samples={self.n_mc_samples} is invalid; set it to >= 1.")
