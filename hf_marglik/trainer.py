@@ -29,6 +29,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from .batches import call_model, nll_sum, split_batch, targets_for
+from .evaluation import calibration_report
 from .hyper import HyperOptimizer, batch_targets, count_data_points
 from .laplace import Laplace
 from .options import Likelihood, PriorStructure
@@ -240,6 +241,36 @@ class MargLikTrainer(Trainer):
         else:
             loss = data_term / max(t.n_data, 1)
         return (loss, {"logits": logits}) if return_outputs else loss
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        """``Trainer.evaluate``, plus for classification the accuracy, NLL, ECE (15 bins) and
+        Brier score of the MAP model (``eval_accuracy`` …) and of the Laplace predictive
+        (``eval_laplace_accuracy`` …, with ``pred_type`` / ``link_approx``) once a Laplace
+        approximation exists (after the first marginal-likelihood update)."""
+        metrics = super().evaluate(
+            eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix
+        )
+        dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        a = self.args
+        if (
+            a.likelihood != Likelihood.CLASSIFICATION
+            or self.laplace is None
+            or isinstance(dataset, dict)
+        ):
+            return metrics
+        report = calibration_report(
+            self.laplace,
+            self.get_eval_dataloader(dataset),
+            a.pred_type,
+            a.link_approx,
+            a.predictive_samples,
+            torch.Generator().manual_seed(a.seed),
+        )
+        extra = {f"{metric_key_prefix}_{k}": v for k, v in report.items()}
+        self.log(extra)
+        metrics.update(extra)
+        return metrics
 
     # ------------------------------------------------------------------ marginal likelihood
     def _on_step_end(self) -> None:

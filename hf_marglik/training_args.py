@@ -10,7 +10,16 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from .hyper import check_settings
-from .options import Backend, HessianStructure, KFACApprox, Likelihood, PriorStructure, coerce
+from .options import (
+    Backend,
+    HessianStructure,
+    KFACApprox,
+    Likelihood,
+    LinkApprox,
+    PredType,
+    PriorStructure,
+    coerce,
+)
 
 
 @dataclass
@@ -55,6 +64,13 @@ class MargLikTrainingArguments(TrainingArguments):
             would give too few hyperparameter updates; ``marglik_frequency`` is then unused.
         restore_best_marglik: at the end, restore the trainable parameters with the best
             marginal likelihood seen (laplace-torch's behaviour); False keeps the last model.
+
+    Evaluation (classification): ``evaluate()`` reports accuracy, NLL, ECE (15 bins) and Brier
+    score of the MAP model (``eval_accuracy`` …) and of the Laplace predictive
+    (``eval_laplace_accuracy`` …):
+        pred_type: ``"glm"`` (linearised network, default) or ``"nn"`` (parameter samples).
+        link_approx: ``"probit"`` (default) or ``"mc"`` for the glm predictive.
+        predictive_samples: samples of the ``"nn"`` predictive or of the ``"mc"`` link.
 
     ``weight_decay`` must stay 0: the learned prior replaces it (a positive value is set to 0
     with a warning, as laplace-torch does).
@@ -145,9 +161,30 @@ class MargLikTrainingArguments(TrainingArguments):
             "False keeps the last model."
         },
     )
+    pred_type: str = field(
+        default="glm",
+        metadata={
+            "help": "Laplace predictive reported by evaluate() as eval_laplace_* "
+            "(classification): 'glm' (linearised) or 'nn' (parameter samples)."
+        },
+    )
+    link_approx: str = field(
+        default="probit",
+        metadata={"help": "Link of the 'glm' predictive: 'probit' (closed form) or 'mc'."},
+    )
+    predictive_samples: int = field(
+        default=100,
+        metadata={"help": "Samples of the 'nn' predictive or of the 'mc' link."},
+    )
 
     def __post_init__(self):
         super().__post_init__()
+        self.pred_type = coerce(PredType, self.pred_type, "pred_type")
+        self.link_approx = coerce(LinkApprox, self.link_approx, "link_approx")
+        if self.predictive_samples < 1:
+            raise ValueError(
+                f"predictive_samples={self.predictive_samples} is invalid; set it to >= 1."
+            )
         self.likelihood = coerce(Likelihood, self.likelihood, "likelihood")
         self.hessian_structure = coerce(
             HessianStructure, self.hessian_structure, "hessian_structure"

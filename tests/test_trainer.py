@@ -221,7 +221,13 @@ def test_lora_bert_sequence_classification(tmp_path):
         assert torch.equal(p, b)
     assert torch.equal(trainer.laplace.prior_precision, best["prior_precision"])
     assert trainer.laplace.n_data == 16 and model.training
-    assert math.isfinite(trainer.evaluate()["eval_loss"])
+    metrics = trainer.evaluate()
+    assert math.isfinite(metrics["eval_loss"])
+    for name in ("accuracy", "nll", "ece", "brier"):
+        assert math.isfinite(metrics[f"eval_{name}"])
+        assert math.isfinite(metrics[f"eval_laplace_{name}"])
+    # the Laplace predictive is the posterior's, not the MAP model's
+    assert metrics["eval_laplace_nll"] != metrics["eval_nll"]
 
 
 @pytest.mark.parametrize("build", [_gpt2, _llama], ids=["gpt2", "llama"])

@@ -1,0 +1,195 @@
+"""Command line and YAML configuration of ``scripts/train.py``.
+
+Precedence, lowest first: the dataclass defaults, :data:`RECIPE_DEFAULTS` (the embedded default
+run, identical to ``configs/default.yaml``), the YAML file given by ``--config``, command-line
+flags. Every YAML key must name a flag; an unknown key is a :class:`RecipeError` that names the
+nearest valid key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .arguments import DataArguments, LoraArguments, ModelArguments
+from .errors import RecipeError, nearest
+
+# The embedded default run: MiniLM + LoRA r=8 (query, value) + 5-way head on the BBC News split.
+# Values that differ from the dataclass defaults of TrainingArguments / MargLikTrainingArguments.
+RECIPE_DEFAULTS: dict[str, Any] = {
+    "learning_rate": 1e-3,
+    "num_train_epochs": 5,
+    "per_device_train_batch_size": 16,
+    "per_device_eval_batch_size": 32,
+    "weight_decay": 0.01,
+    "lr_scheduler_type": "constant",
+    "logging_steps": 5,
+    "eval_strategy": "epoch",
+    "save_strategy": "no",
+    "report_to": "none",
+    "seed": 0,
+    "remove_unused_columns": False,
+    "label_names": ["labels"],
+    "dataloader_num_workers": 0,
+    # marginal likelihood (used with --marglik only)
+    "likelihood": "classification",
+    "hessian_structure": "kron",
+    "backend": "ggn-mc",
+    "prior_structure": "layerwise",
+    "prior_prec_init": 1.0,
+    "lr_hyp": 0.1,
+    "n_epochs_burnin": 1,
+    "marglik_frequency": 1,
+    "n_hypersteps": 50,
+}
+
+_CLI_ONLY = {"help", "config"}
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs, parsed."""
+
+    model: ModelArguments
+    data: DataArguments
+    lora: LoraArguments
+    training: Any  # MargLikTrainingArguments (--marglik) or TrainingArguments
+    marglik: bool
+    config_file: str | None
+
+
+def _str2bool(value: str | bool) -> bool:
+    if isinstance(value, bool):
+        return value
+    if value.lower() in ("yes", "true", "t", "y", "1"):
+        return True
+    if value.lower() in ("no", "false", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got {value!r}")
+
+
+def make_parser():
+    """The ``HfArgumentParser`` over (ModelArguments, DataArguments, LoraArguments,
+    MargLikTrainingArguments), plus ``--config`` and ``--marglik``."""
+    from transformers import HfArgumentParser
+
+    from ..training_args import MargLikTrainingArguments
+
+    parser = HfArgumentParser(
+        (ModelArguments, DataArguments, LoraArguments, MargLikTrainingArguments),
+        prog="train.py",
+        description=(
+            "Fine-tune a pretrained model with LoRA, by plain weight decay (default) or by "
+            "marginal-likelihood training (--marglik). A YAML file (--config) gives defaults; "
+            "every flag below overrides it and may also be a key of that file."
+        ),
+    )
+    parser.add_argument(
+        "--config", type=str, default=None, help="YAML file of defaults for any flag below."
+    )
+    parser.add_argument(
+        "--marglik",
+        type=_str2bool,
+        nargs="?",
+        const=True,
+        default=False,
+        help="Train with MargLikTrainer: the prior (learned by the marginal likelihood) replaces "
+        "weight decay, which is set to 0. Without it: transformers.Trainer with the config's "
+        "weight_decay.",
+    )
+    parser.set_defaults(**RECIPE_DEFAULTS)
+    return parser
+
+
+def valid_keys(parser) -> list[str]:
+    return sorted(a.dest for a in parser._actions if a.dest not in _CLI_ONLY)
+
+
+def load_yaml(path: str | os.PathLike, keys: list[str]) -> dict[str, Any]:
+    """Read a YAML config (a flat mapping of flag names to values) and check its keys."""
+    p = Path(path)
+    if not p.is_file():
+        raise RecipeError(f"Config file {str(p)!r} does not exist.")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise RecipeError(f"Config file {str(p)!r} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"Config file {str(p)!r} must be a mapping of option names to values.")
+    valid = set(keys)
+    for key in data:
+        if key not in valid:
+            raise RecipeError(
+                f"Unknown key {key!r} in config file {str(p)!r}.{nearest(str(key), valid)} "
+                f"Valid keys (any flag of --help): {', '.join(sorted(valid))}."
+            )
+    return data
+
+
+def parse_args(argv: list[str] | None = None) -> RunConfig:
+    """Parse ``argv`` (default ``sys.argv[1:]``) with the YAML defaults into a :class:`RunConfig`."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    pre.add_argument("--marglik", type=_str2bool, nargs="?", const=True, default=None)
+    pre.add_argument("--output_dir", default=None)
+    known, _ = pre.parse_known_args(argv)
+
+    parser = make_parser()
+    cfg: dict[str, Any] = {}
+    if known.config is not None:
+        cfg = load_yaml(known.config, valid_keys(parser))
+        parser.set_defaults(**cfg)
+    marglik = known.marglik if known.marglik is not None else bool(cfg.get("marglik", False))
+    if known.output_dir is None and cfg.get("output_dir") is None:
+        stem = Path(known.config).stem if known.config else "default"
+        parser.set_defaults(
+            output_dir=str(Path("outputs") / (stem + ("-marglik" if marglik else "")))
+        )
+
+    namespace, remaining = parser.parse_known_args(argv)
+    if remaining:
+        flags = [a for a in remaining if a.startswith("--")] or remaining
+        options = [s for a in parser._actions for s in a.option_strings]
+        raise RecipeError(
+            f"Unknown argument {flags[0]!r}.{nearest(flags[0], options)} See --help for all flags."
+        )
+    values = vars(namespace)
+    try:  # the dataclasses' __post_init__ checks raise ValueError / TypeError
+        model_args, data_args, lora_args = (
+            cls(**_pick(values, cls)) for cls in (ModelArguments, DataArguments, LoraArguments)
+        )
+        training_args = _training_arguments(values, bool(values["marglik"]))
+    except (ValueError, TypeError) as e:
+        raise RecipeError(str(e)) from None
+    return RunConfig(
+        model_args, data_args, lora_args, training_args, bool(values["marglik"]), known.config
+    )
+
+
+def _pick(values: dict[str, Any], cls) -> dict[str, Any]:
+    return {f.name: values[f.name] for f in dataclasses.fields(cls) if f.init}
+
+
+def _training_arguments(values: dict[str, Any], marglik: bool):
+    """MargLikTrainingArguments with weight decay 0 for --marglik (the prior replaces it);
+    plain ``TrainingArguments`` with the configured weight decay otherwise."""
+    from transformers import TrainingArguments
+
+    from ..training_args import MargLikTrainingArguments
+
+    if marglik:
+        kwargs = _pick(values, MargLikTrainingArguments)
+        if kwargs["weight_decay"]:
+            print(
+                f"--marglik: weight_decay={kwargs['weight_decay']} is replaced by the learned "
+                "prior (set to 0)."
+            )
+        kwargs["weight_decay"] = 0.0
+        return MargLikTrainingArguments(**kwargs)
+    return TrainingArguments(**_pick(values, TrainingArguments))

