@@ -284,10 +284,10 @@ class Laplace:
             acts = rec.inputs()
             curv.add_inputs(acts, mask)
             cols = loss_columns(t, self.backend, self.n_mc_samples, generator)
-            if (
-                self.likelihood == Likelihood.CAUSAL_LM
-                and self.hessian_structure != HessianStructure.KRON
-            ):
+            if self.likelihood == Likelihood.CAUSAL_LM and self.backend != Backend.GGN_MC:
+                # each token is its own data point: its loss-Hessian columns are backpropagated
+                # alone, so no cross terms between tokens enter (Monte-Carlo columns sampled
+                # independently per token have none in expectation and go all at once)
                 cols = per_position(cols, t.mask)
             cols = list(cols)
             for j, s in enumerate(cols):
