@@ -67,10 +67,12 @@ def _takes_keywords(model: nn.Module, dict_key_x: str) -> bool:
         return False
     if dict_key_x in params:
         return True
-    # peft wrappers forward(*args, **kwargs) to the base model: look through them
-    base = getattr(model, "base_model", None)
-    if isinstance(base, nn.Module) and base is not model:
-        return _takes_keywords(base, dict_key_x)
+    # wrappers that forward(*args, **kwargs) to an inner model: peft (base_model), DDP and
+    # accelerate (module): look through them
+    for attr in ("module", "base_model"):
+        inner = getattr(model, attr, None)
+        if isinstance(inner, nn.Module) and inner is not model:
+            return _takes_keywords(inner, dict_key_x)
     return False
 
 

@@ -25,6 +25,7 @@ import warnings
 from collections.abc import Mapping
 
 import torch
+import torch.distributed as dist
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
@@ -134,8 +135,6 @@ class MargLikTrainer(Trainer):
 
     def _start(self, checkpoint: str | None) -> None:
         a = self.args
-        if a.world_size > 1:
-            raise NotImplementedError("MargLikTrainer runs in one process only for now.")
         named = trainable_parameters(self.model)
         self._names = [n for n, _ in named]
         self._params = [p for _, p in named]
@@ -151,8 +150,14 @@ class MargLikTrainer(Trainer):
             device=self._params[0].device,
             dtype=self._params[0].dtype,
         )
-        self.n_data = count_data_points(
-            self.get_test_dataloader(self.train_dataset), a.likelihood, a.dict_key_x, a.dict_key_y
+        # data-parallel: each process counts its shard of the training data, summed over all
+        self.n_data = _sum_over_processes(
+            count_data_points(
+                self.get_test_dataloader(self.train_dataset),
+                a.likelihood,
+                a.dict_key_x,
+                a.dict_key_y,
+            )
         )
         self._fit_dataset = self._subset(self.train_dataset)
         self.laplace, self._final = None, False
@@ -216,7 +221,7 @@ class MargLikTrainer(Trainer):
         batches, _ = super().get_batch_samples(epoch_iterator, num_batches, *args, **kwargs)
         a = self.args
         n = sum(batch_targets(b, a.likelihood, a.dict_key_x, a.dict_key_y) for b in batches)
-        return batches, n
+        return batches, _sum_over_processes(n)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """In training: ``(Σ ℓ + n_b·½θᵀPθ/(N·c)) / num_items_in_batch`` (see the module
@@ -238,6 +243,10 @@ class MargLikTrainer(Trainer):
             self.loss_is_scaled_for_ga = num_items_in_batch is not None
             denom = t.n_data if num_items_in_batch is None else num_items_in_batch
             loss = total / max(int(denom), 1)
+            if num_items_in_batch is not None:
+                # data-parallel: the count is global and DDP averages the gradients over the
+                # processes, so each process's share is scaled back up (as Trainer.compute_loss)
+                loss = loss * self.accelerator.num_processes
         else:
             loss = data_term / max(t.n_data, 1)
         return (loss, {"logits": logits}) if return_outputs else loss
@@ -476,6 +485,17 @@ class MargLikTrainer(Trainer):
 def _write_json(obj, path: str) -> None:
     with open(path, "w") as f:
         json.dump(obj, f, indent=2)
+
+
+def _sum_over_processes(n: int) -> int:
+    """``n`` summed over the processes of a ``torch.distributed`` group (``n`` alone otherwise)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return n
+    t = torch.tensor(float(n), dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    return int(t.item())
 
 
 def _atomic(path: str, write, obj) -> None:

@@ -1,0 +1,71 @@
+"""A MargLikTrainer run for tests/test_trainer_distributed.py: started once with plain python
+(one process) and once under torch.distributed.run with 2 CPU processes (gloo)."""
+
+import json
+import os
+import sys
+
+import torch
+from torch import nn
+
+from hf_marglik import MargLikTrainer, MargLikTrainingArguments
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+class Data(torch.utils.data.Dataset):
+    def __init__(self):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(24, 4, generator=g, dtype=torch.float64)
+        self.y = torch.randint(0, 3, (24,), generator=g)
+
+    def __len__(self):
+        return 24
+
+    def __getitem__(self, i):
+        return {"x": self.x[i], "labels": self.y[i]}
+
+
+def main(out_dir: str, per_device_batch: int) -> None:
+    torch.manual_seed(0)
+    model = Net().double()
+    args = MargLikTrainingArguments(
+        output_dir=os.path.join(out_dir, "run"),
+        report_to="none",
+        use_cpu=True,
+        per_device_train_batch_size=per_device_batch,
+        per_device_eval_batch_size=per_device_batch,
+        learning_rate=1e-2,
+        num_train_epochs=3,
+        save_strategy="no",
+        n_hypersteps=5,
+        dict_key_x="x",
+        seed=0,
+        disable_tqdm=True,
+    )
+    trainer = MargLikTrainer(model=model, args=args, train_dataset=Data())
+    trainer.train()
+    lap = trainer.laplace
+    rank = int(os.environ.get("RANK", 0))
+    result = {
+        "world_size": trainer.args.world_size,
+        "n_data": trainer.n_data,
+        "margliks": trainer.margliks,
+        "prior_precision": lap.prior_precision.tolist(),
+        "log_marglik": float(lap.log_marginal_likelihood()),
+        "curvature": lap.curvature_dense().flatten().tolist(),
+        "params": torch.cat([p.detach().flatten() for p in model.parameters()]).tolist(),
+    }
+    with open(os.path.join(out_dir, f"result-{rank}.json"), "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]))

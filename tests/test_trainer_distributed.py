@@ -1,0 +1,63 @@
+"""MargLikTrainer data-parallel over 2 CPU processes (gloo, torch.distributed.run) equals one
+process with the same global batch: curvature, log marginal likelihood, hyperparameters and
+parameters agree to float rounding, and every process holds the same hyperparameters."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+WORKER = os.path.join(os.path.dirname(__file__), "ddp_worker.py")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(cmd, tmp):
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def _close(a, b, rtol=1e-10, atol=1e-12):
+    a, b = list(a) if isinstance(a, list) else [a], list(b) if isinstance(b, list) else [b]
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x == pytest.approx(y, rel=rtol, abs=atol)
+
+
+def test_two_processes_equal_one_process(tmp_path):
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    single.mkdir()
+    multi.mkdir()
+    _run([sys.executable, WORKER, str(single), "8"], tmp_path)
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            f"--master_port={_free_port()}",
+            WORKER,
+            str(multi),
+            "4",
+        ],
+        tmp_path,
+    )
+    ref = json.loads((single / "result-0.json").read_text())
+    ranks = [json.loads((multi / f"result-{r}.json").read_text()) for r in range(2)]
+    assert ref["world_size"] == 1 and [r["world_size"] for r in ranks] == [2, 2]
+    assert ref["n_data"] == 24
+    assert len(ref["margliks"]) == 3 * 5
+    for got in ranks:
+        assert got["n_data"] == ref["n_data"]
+        for key in ("margliks", "prior_precision", "log_marglik", "curvature", "params"):
+            _close(got[key], ref[key])
+    # every process holds exactly the same hyperparameters
+    assert ranks[0]["prior_precision"] == ranks[1]["prior_precision"]
