@@ -38,6 +38,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .batches import Targets
+from .factors import DenseFactor, SketchedFactor, new_factor
 from .options import Backend, HessianStructure, KFACApprox
 
 MAX_EXACT_OUTPUTS = 1024
@@ -203,13 +204,10 @@ class Curvature:
         kfac_approx: KFACApprox,
         dtype: torch.dtype,
         device: torch.device,
+        factor_rank: int | None = None,
     ):
-        self.sites, self.sizes, self.structure, self.kfac_approx = (
-            sites,
-            sizes,
-            structure,
-            kfac_approx,
-        )
+        self.sites, self.sizes, self.structure = sites, sizes, structure
+        self.kfac_approx, self.factor_rank = kfac_approx, factor_rank
         self.dtype, self.device = dtype, device
         n = sum(sizes)
         if structure == HessianStructure.FULL:
@@ -217,9 +215,9 @@ class Curvature:
         elif structure == HessianStructure.DIAG:
             self.H = torch.zeros(n, dtype=dtype, device=device)
         else:
-            self.A = {}  # site index -> summed input factor
-            self.A_count = {}
-            self.B = {}
+            self.A: dict[int, DenseFactor | SketchedFactor] = {}  # site -> Σ a aᵀ
+            self.A_count: dict[int, int] = {}
+            self.B: dict[int, DenseFactor | SketchedFactor] = {}  # site -> Σ g gᵀ
 
     def add(self, inputs: list[Tensor], grads: list[Tensor], mask: Tensor | None) -> None:
         """Add one column's contribution (all examples of the batch)."""
@@ -241,12 +239,15 @@ class Curvature:
             if s.weight_index is None:
                 continue
             rows, count = self._input_rows(a, mask)
-            A = rows.T @ rows
-            if i in self.A:
-                self.A[i] += A
-                self.A_count[i] += count
-            else:
-                self.A[i], self.A_count[i] = A, count
+            if i not in self.A:
+                self.A[i] = self._factor(rows.shape[1], 2 * i)
+                self.A_count[i] = 0
+            self.A[i].add(rows)
+            self.A_count[i] += count
+
+    def _factor(self, d: int, key: int) -> DenseFactor | SketchedFactor:
+        # the sketch's random test matrix depends only on the factor: the same on every process
+        return new_factor(d, self.factor_rank, 7919 + key, self.dtype, self.device)
 
     def _input_rows(self, a: Tensor, mask: Tensor | None) -> tuple[Tensor, int]:
         if a.ndim == 2:
@@ -269,11 +270,9 @@ class Curvature:
         )
         if g2 is None:
             g2 = g.reshape(g.shape[0], -1, g.shape[-1]).sum(1)
-        B = g2.T @ g2
-        if i in self.B:
-            self.B[i] += B
-        else:
-            self.B[i] = B
+        if i not in self.B:
+            self.B[i] = self._factor(g2.shape[1], 2 * i + 1)
+        self.B[i].add(g2)
 
     def _per_example_grads(self, inputs: list[Tensor], grads: list[Tensor]) -> Tensor:
         return torch.cat(per_example_grads(self.sites, len(self.sizes), inputs, grads), dim=1)
@@ -287,23 +286,29 @@ class Curvature:
             dist.all_reduce(self.H)
             return
         for i in sorted(self.B):
-            dist.all_reduce(self.B[i])
+            self.B[i].all_reduce()
         for i in sorted(self.A):
-            dist.all_reduce(self.A[i])
-            count = torch.tensor(float(self.A_count[i]), device=self.A[i].device)
+            self.A[i].all_reduce()
+            count = torch.tensor(float(self.A_count[i]), device=self.device)
             dist.all_reduce(count)
             self.A_count[i] = int(count.item())
 
-    def kron_factors(self, scale: float = 1.0) -> list[tuple[Tensor, Tensor | None]]:
-        """``(B, A)`` per trainable tensor in parameter order (``A`` is None for a bias)."""
-        out: list[tuple[Tensor, Tensor | None] | None] = [None] * len(self.sizes)
+    def kron_eigs(self, scale: float = 1.0) -> tuple[list[tuple], int]:
+        """Per trainable tensor (parameter order) ``(λ_B, Q_B, λ_A, Q_A)`` of the factors
+        ``B = scale · Σ g gᵀ`` and ``A = mean a aᵀ`` (``λ_A, Q_A`` None for a bias), and the
+        number of negative eigenvalues (rounding) clipped to 0."""
+        out: list[tuple | None] = [None] * len(self.sizes)
+        clipped = 0
         for i, s in enumerate(self.sites):
-            B = self.B[i] * scale
+            lb, qb, nb = self.B[i].eig(scale)
+            clipped += nb
             if s.weight_index is not None:
-                out[s.weight_index] = (B, self.A[i] / max(self.A_count[i], 1))
+                la, qa, na = self.A[i].eig(1.0 / max(self.A_count[i], 1))
+                clipped += na
+                out[s.weight_index] = (lb, qb, la, qa)
             if s.bias_index is not None:
-                out[s.bias_index] = (B, None)
-        return out
+                out[s.bias_index] = (lb, qb, None, None)
+        return out, clipped
 
 
 def per_example_grads(

@@ -91,6 +91,10 @@ class Laplace:
             the model parameters. Accepted for signature compatibility; ``True`` is refused
             (hf_marglik's curvature is detached from the parameters).
         seed: seed of the Monte-Carlo targets (a fit is then reproducible).
+        factor_rank: memory-bounded K-FAC: a factor wider than ``2·factor_rank + 10`` is
+            accumulated as a streaming Nyström sketch and kept as its ``factor_rank`` leading
+            eigenpairs plus an isotropic remainder (:mod:`hf_marglik.factors`); memory per
+            factor ``d·(factor_rank + 10)`` instead of ``d²``. None (default): dense factors.
     """
 
     def __init__(
@@ -109,6 +113,7 @@ class Laplace:
         n_mc_samples: int = 1,
         enable_backprop: bool = False,
         seed: int | None = None,
+        factor_rank: int | None = None,
     ):
         self.model = model
         self.likelihood = coerce(Likelihood, likelihood, "likelihood")
@@ -124,6 +129,9 @@ class Laplace:
                 "enable_backprop=True (a marginal likelihood differentiable in the model "
                 "parameters) is not supported: hf_marglik's curvature is detached. Leave it False."
             )
+        if factor_rank is not None and factor_rank < 1:
+            raise ValueError(f"factor_rank={factor_rank} must be a positive integer or None.")
+        self.factor_rank = factor_rank
         if n_mc_samples < 1:
             raise ValueError(f"n_mc_samples={n_mc_samples} must be at least 1.")
         if not temperature > 0:
@@ -232,6 +240,7 @@ class Laplace:
             self.kfac_approx,
             self.dtype,
             self.device,
+            self.factor_rank,
         )
         loss = torch.zeros((), dtype=self.dtype, device=self.device)
         counted, n_outputs = 0, None
@@ -305,11 +314,7 @@ class Laplace:
         self.n_clipped = 0
         self.__dict__.pop("_dense_blocks", None)
         if self.hessian_structure == HessianStructure.KRON:
-            blocks = []
-            for Bf, Af in curv.kron_factors(scale):
-                lb, qb = self._eigh(Bf)
-                la, qa = (None, None) if Af is None else self._eigh(Af)
-                blocks.append((lb, qb, la, qa))
+            blocks, self.n_clipped = curv.kron_eigs(scale)
             self._set_kron(blocks)
         elif self.hessian_structure == HessianStructure.FULL:
             self._H = curv.H * scale
@@ -347,11 +352,6 @@ class Laplace:
             ]
         )
         return self
-
-    def _eigh(self, M: Tensor) -> tuple[Tensor, Tensor]:
-        lam, Q = torch.linalg.eigh(0.5 * (M + M.T))
-        self.n_clipped += int((lam < 0).sum())
-        return lam.clamp_min(0.0), Q
 
     def _check_fitted(self) -> None:
         if self.loss is None:
