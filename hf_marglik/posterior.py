@@ -81,8 +81,9 @@ def _half_kron(lb, qb, la, qa, f, d, X: Tensor) -> Tensor:
     return out
 
 
-def sample(lap, generator: torch.Generator | None = None) -> list[Tensor]:
-    """One draw ``θ − θ*`` from the posterior, as flat vectors per trainable tensor."""
+def samples(lap, n: int, generator: torch.Generator | None = None) -> list[Tensor]:
+    """``n`` draws ``θ − θ*`` from the posterior: one ``(n, numel)`` tensor per trainable
+    tensor (each factorisation is computed once for all draws)."""
     lap._check_fitted()
     dtype, dev = lap.dtype, lap.device
 
@@ -93,19 +94,24 @@ def sample(lap, generator: torch.Generator | None = None) -> list[Tensor]:
     if _isotropic_kron(lap):
         out = []
         for (lb, qb, la, qa), d in zip(lap._kron, _prior_chunks(lap)):
-            shape = (1, lb.numel()) if la is None else (1, lb.numel(), la.numel())
-            out.append(_half_kron(lb, qb, la, qa, f, d, normal(*shape)).reshape(-1))
+            shape = (n, lb.numel()) if la is None else (n, lb.numel(), la.numel())
+            out.append(_half_kron(lb, qb, la, qa, f, d, normal(*shape)).reshape(n, -1))
         return out
     if lap.hessian_structure == HessianStructure.DIAG:
         from .params import per_parameter
 
         std = torch.rsqrt(f * lap._H + per_parameter(lap.prior_precision, lap._sizes))
-        return list(torch.split(normal(lap.n_params) * std, lap._sizes))
+        return list(torch.split(normal(n, lap.n_params) * std, lap._sizes, dim=1))
     out = []
     for L in _dense_precision_cholesky(lap):
-        z = normal(L.shape[0], 1)
-        out.append(torch.linalg.solve_triangular(L.T, z, upper=True).reshape(-1))
-    return out if len(out) == len(lap._sizes) else list(torch.split(out[0], lap._sizes))
+        z = normal(L.shape[0], n)
+        out.append(torch.linalg.solve_triangular(L.T, z, upper=True).T)
+    return out if len(out) == len(lap._sizes) else list(torch.split(out[0], lap._sizes, dim=1))
+
+
+def sample(lap, generator: torch.Generator | None = None) -> list[Tensor]:
+    """One draw ``θ − θ*`` from the posterior, as flat vectors per trainable tensor."""
+    return [t[0] for t in samples(lap, 1, generator)]
 
 
 def quadratic(lap, chunks: list[Tensor]) -> Tensor:

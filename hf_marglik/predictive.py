@@ -17,9 +17,10 @@ from torch import Tensor
 from . import batches as B
 from .curvature import Recorder, per_example_grads
 from .options import Likelihood, LinkApprox, PredType, coerce
-from .posterior import quadratic, sample
+from .posterior import quadratic, samples
 
 MAX_GLM_OUTPUTS = 64
+SAMPLE_CHUNK = 16
 
 
 def _inputs(lap, batch):
@@ -114,11 +115,13 @@ def _nn_predictive(lap, batch, n_samples, generator, regression):
     model.eval()
     outs = []
     try:
-        for _ in range(n_samples):
-            for p, m, d in zip(lap._params, mean, sample(lap, generator)):
-                p.copy_((m + d).reshape(p.shape).to(p.dtype))
-            f = B.call_model(model, inputs, lap.dict_key_x).to(lap.dtype)
-            outs.append(f if regression else torch.softmax(f, dim=-1))
+        for start in range(0, n_samples, SAMPLE_CHUNK):
+            draws = samples(lap, min(SAMPLE_CHUNK, n_samples - start), generator)
+            for k in range(draws[0].shape[0]):
+                for p, m, d in zip(lap._params, mean, draws):
+                    p.copy_((m + d[k]).reshape(p.shape).to(p.dtype))
+                f = B.call_model(model, inputs, lap.dict_key_x).to(lap.dtype)
+                outs.append(f if regression else torch.softmax(f, dim=-1))
     finally:
         for p, s in zip(lap._params, saved):
             p.copy_(s)
