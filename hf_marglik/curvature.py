@@ -27,6 +27,7 @@ rather than -100 and sample targets at padded positions (see NOTES.md).
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import warnings
 from collections.abc import Iterator
@@ -216,7 +217,6 @@ class Curvature:
             self.H = torch.zeros(n, dtype=dtype, device=device)
         else:
             self.A: dict[int, DenseFactor | SketchedFactor] = {}  # site -> Σ a aᵀ
-            self.A_count: dict[int, int] = {}
             self.B: dict[int, DenseFactor | SketchedFactor] = {}  # site -> Σ g gᵀ
 
     def add(self, inputs: list[Tensor], grads: list[Tensor], mask: Tensor | None) -> None:
@@ -232,18 +232,36 @@ class Curvature:
             self.H.add_((per_example * per_example).sum(0))
 
     def add_inputs(self, inputs: list[Tensor], mask: Tensor | None) -> None:
-        """Add the input factors of one forward pass (K-FAC only; once per batch)."""
+        """Add the input factors of one forward pass (K-FAC only; once per batch).
+
+        Layers that read the very same input tensor (LoRA ``A`` of ``q_proj`` and ``v_proj``)
+        share one input factor object: accumulated and eigendecomposed once. Should a later
+        batch feed them different inputs, the shared factor is split first.
+        """
         if self.structure != HessianStructure.KRON:
             return
-        for i, (s, a) in enumerate(zip(self.sites, inputs)):
-            if s.weight_index is None:
-                continue
-            rows, count = self._input_rows(a, mask)
+        keys = {
+            i: (a.data_ptr(), tuple(a.shape), tuple(a.stride()), a.dtype)
+            for i, (s, a) in enumerate(zip(self.sites, inputs))
+            if s.weight_index is not None
+        }
+        for i in keys:
+            for j in keys:
+                if j < i and i in self.A and self.A[i] is self.A[j] and keys[i] != keys[j]:
+                    self.A[i] = copy.deepcopy(self.A[i])
+        first: dict[tuple, int] = {}
+        done: set[int] = set()
+        for i, key in keys.items():
             if i not in self.A:
-                self.A[i] = self._factor(rows.shape[1], 2 * i)
-                self.A_count[i] = 0
+                j = first.get(key)
+                self.A[i] = self.A[j] if j is not None else self._factor(inputs[i].shape[-1], 2 * i)
+            first.setdefault(key, i)
+            if id(self.A[i]) in done:
+                continue
+            rows, count = self._input_rows(inputs[i], mask)
             self.A[i].add(rows)
-            self.A_count[i] += count
+            self.A[i].count += count
+            done.add(id(self.A[i]))
 
     def _factor(self, d: int, key: int) -> DenseFactor | SketchedFactor:
         # the sketch's random test matrix depends only on the factor: the same on every process
@@ -287,11 +305,11 @@ class Curvature:
             return
         for i in sorted(self.B):
             self.B[i].all_reduce()
-        for i in sorted(self.A):
-            self.A[i].all_reduce()
-            count = torch.tensor(float(self.A_count[i]), device=self.device)
+        for factor in _unique(self.A[i] for i in sorted(self.A)):
+            factor.all_reduce()
+            count = torch.tensor(float(factor.count), device=self.device)
             dist.all_reduce(count)
-            self.A_count[i] = int(count.item())
+            factor.count = int(count.item())
 
     def kron_eigs(self, scale: float = 1.0) -> tuple[list[tuple], int]:
         """Per trainable tensor (parameter order) ``(λ_B, Q_B, λ_A, Q_A)`` of the factors
@@ -299,16 +317,29 @@ class Curvature:
         number of negative eigenvalues (rounding) clipped to 0."""
         out: list[tuple | None] = [None] * len(self.sizes)
         clipped = 0
+        eigs_of_A: dict[int, tuple] = {}  # shared input factors are decomposed once
         for i, s in enumerate(self.sites):
             lb, qb, nb = self.B[i].eig(scale)
             clipped += nb
             if s.weight_index is not None:
-                la, qa, na = self.A[i].eig(1.0 / max(self.A_count[i], 1))
-                clipped += na
+                A = self.A[i]
+                if id(A) not in eigs_of_A:
+                    eigs_of_A[id(A)] = A.eig(1.0 / max(A.count, 1))
+                    clipped += eigs_of_A[id(A)][2]
+                la, qa, _ = eigs_of_A[id(A)]
                 out[s.weight_index] = (lb, qb, la, qa)
             if s.bias_index is not None:
                 out[s.bias_index] = (lb, qb, None, None)
         return out, clipped
+
+
+def _unique(objects) -> list:
+    seen, out = set(), []
+    for o in objects:
+        if id(o) not in seen:
+            seen.add(id(o))
+            out.append(o)
+    return out
 
 
 def per_example_grads(

@@ -30,6 +30,7 @@ class DenseFactor:
 
     def __init__(self, d: int, dtype: torch.dtype, device: torch.device):
         self.M = torch.zeros(d, d, dtype=dtype, device=device)
+        self.count = 0  # rows added (input factors are averaged over them)
 
     def add(self, X: Tensor) -> None:
         self.M.addmm_(X.T, X)
@@ -56,6 +57,7 @@ class SketchedFactor:
         self.omega = torch.linalg.qr(omega).Q.to(dtype=dtype, device=device)
         self.Y = torch.zeros_like(self.omega)
         self.trace = torch.zeros((), dtype=dtype, device=device)
+        self.count = 0  # rows added (input factors are averaged over them)
 
     def add(self, X: Tensor) -> None:
         self.Y.addmm_(X.T, X @ self.omega)

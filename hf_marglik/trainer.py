@@ -311,6 +311,7 @@ class MargLikTrainer(Trainer):
             dict_key_y=a.dict_key_y,
             n_mc_samples=a.n_mc_samples,
             enable_backprop=backprop,
+            factor_rank=a.factor_rank,
         )
 
     def _fit(self, lap: Laplace) -> Laplace:

@@ -45,6 +45,9 @@ class MargLikTrainingArguments(TrainingArguments):
             pass over the whole training set costs too much (it costs about one to a few epochs);
             the marginal likelihood is then an estimate, and best-model selection compares
             estimates made on the same subset.
+        factor_rank: memory-bounded K-FAC for wide layers (large models): factors wider than
+            ``2·factor_rank + 10`` are kept as a streaming sketch, their ``factor_rank`` leading
+            eigenpairs and an isotropic remainder. None (default): dense factors.
         enable_backprop: laplace-torch's flag; accepted for compatibility, ``True`` is refused.
 
     Prior and hyperparameter optimisation:
@@ -154,6 +157,14 @@ class MargLikTrainingArguments(TrainingArguments):
             "(0, 1] or a number of examples (> 1); rescaled to the full data count."
         },
     )
+    factor_rank: int | None = field(
+        default=None,
+        metadata={
+            "help": "Memory-bounded K-FAC: keep factors wider than 2*factor_rank+10 as their "
+            "factor_rank leading eigenpairs plus an isotropic remainder (streaming sketch); "
+            "None keeps dense factors."
+        },
+    )
     restore_best_marglik: bool = field(
         default=True,
         metadata={
@@ -181,6 +192,8 @@ class MargLikTrainingArguments(TrainingArguments):
         super().__post_init__()
         self.pred_type = coerce(PredType, self.pred_type, "pred_type")
         self.link_approx = coerce(LinkApprox, self.link_approx, "link_approx")
+        if self.factor_rank is not None and self.factor_rank < 1:
+            raise ValueError(f"factor_rank={self.factor_rank} is invalid; set it to >= 1 or None.")
         if self.predictive_samples < 1:
             raise ValueError(
                 f"predictive_samples={self.predictive_samples} is invalid; set it to >= 1."

@@ -83,3 +83,38 @@ def test_laplace_with_sketched_factors_uses_them_consistently():
     H = lap.curvature_dense()
     ref = -lap.loss - 0.5 * (torch.logdet(H + P) - torch.logdet(P) + lap.mean @ P @ lap.mean)
     torch.testing.assert_close(lap.log_marginal_likelihood(), ref, rtol=1e-10, atol=1e-10)
+
+
+class _TwoHeads(nn.Module):
+    """Two linear layers that read the same input tensor unless ``x`` carries a flag."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 2), nn.Linear(3, 2)
+
+    def forward(self, x):
+        flag = bool(x[0, -1] > 0)
+        h = x[:, :3]
+        return self.a(h) + self.b(h * 2.0 if flag else h)
+
+
+def test_layers_reading_one_input_share_their_input_factor_until_it_differs():
+    torch.manual_seed(0)
+    model = _TwoHeads().double()
+    g = torch.Generator().manual_seed(1)
+    same = torch.randn(6, 4, generator=g, dtype=F64)
+    same[:, -1] = -1.0
+    different = torch.randn(6, 4, generator=g, dtype=F64)
+    different[:, -1] = 1.0
+    y = torch.randint(0, 2, (6,), generator=g)
+    # one batch with a shared input: one factor object, decomposed once
+    lap = Laplace(model, "classification").fit([(same, y)])
+    assert lap._kron[0][2] is lap._kron[2][2]  # weights of a and b: the same λ_A tensor
+    # a second batch with different inputs splits it: equal to the dense per-layer reference
+    lap = Laplace(model, "classification").fit([(same, y), (different, y)])
+    h1, h2 = same[:, :3], different[:, :3]
+    A_a = (h1.T @ h1 + h2.T @ h2) / 12
+    A_b = (h1.T @ h1 + 4 * h2.T @ h2) / 12
+    (_, A1), _, (_, A2), _ = lap.kron_factors()
+    torch.testing.assert_close(A1, A_a, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(A2, A_b, rtol=1e-12, atol=1e-12)
