@@ -80,9 +80,11 @@ class MargLikTrainer(Trainer):
     ``per_device_eval_batch_size`` and the Trainer's collator; ``N`` is counted once from the
     targets, without a model call.
 
-    Checkpoints hold ``marglik_state.pt`` beside the Trainer's files; ``train(resume_from_checkpoint)``
-    reads it, so a resumed run equals an uninterrupted one. ``save_model`` writes
-    ``marglik_hyperparameters.json`` beside the model. One process only.
+    Checkpoints hold ``marglik_state.pt`` beside the Trainer's files;
+    ``train(resume_from_checkpoint)`` reads it, so a resumed run equals an uninterrupted one.
+    ``save_model`` writes ``marglik_hyperparameters.json`` beside the model. Data-parallel runs
+    (accelerate, torchrun) count the data and sum the curvature over all processes, which then
+    hold identical hyperparameters.
     """
 
     loss_is_scaled_for_ga = True
@@ -263,7 +265,8 @@ class MargLikTrainer(Trainer):
         dataset = self.eval_dataset if eval_dataset is None else eval_dataset
         a = self.args
         if (
-            a.likelihood != Likelihood.CLASSIFICATION
+            not a.eval_laplace
+            or a.likelihood != Likelihood.CLASSIFICATION
             or self.laplace is None
             or isinstance(dataset, dict)
         ):

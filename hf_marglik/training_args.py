@@ -71,6 +71,8 @@ class MargLikTrainingArguments(TrainingArguments):
     Evaluation (classification): ``evaluate()`` reports accuracy, NLL, ECE (15 bins) and Brier
     score of the MAP model (``eval_accuracy`` …) and of the Laplace predictive
     (``eval_laplace_accuracy`` …):
+        eval_laplace: report the Laplace predictive at all (default True; it costs about one
+            backward pass per class per evaluation batch with ``"glm"``).
         pred_type: ``"glm"`` (linearised network, default) or ``"nn"`` (parameter samples).
         link_approx: ``"probit"`` (default) or ``"mc"`` for the glm predictive.
         predictive_samples: samples of the ``"nn"`` predictive or of the ``"mc"`` link.
@@ -170,6 +172,13 @@ class MargLikTrainingArguments(TrainingArguments):
         metadata={
             "help": "Restore the parameters with the best marginal likelihood at the end; "
             "False keeps the last model."
+        },
+    )
+    eval_laplace: bool = field(
+        default=True,
+        metadata={
+            "help": "evaluate() also reports the Laplace predictive's accuracy, NLL, ECE and "
+            "Brier (eval_laplace_*; classification); costs one backward per class per batch."
         },
     )
     pred_type: str = field(
