@@ -37,7 +37,7 @@ class MargLikTrainingArguments(TrainingArguments):
         backend: ``"ggn"`` (exact GGN, one backward per class), ``"ggn-mc"`` (Monte-Carlo GGN,
             the choice for a large vocabulary) or ``"ef"`` (empirical Fisher).
         kfac_approx: ``"expand"`` / ``"reduce"`` for layers applied at every token; None picks
-            expand for causal_lm and reduce otherwise.
+            expand (measured closer to the exact GGN; BENCHMARKS.md, "K-FAC fidelity").
         n_mc_samples: samples per data point for ``"ggn-mc"``.
         marglik_subset: fit the curvature on a fixed random subset of the training data (drawn
             once with ``seed``): a fraction in (0, 1] or, above 1, a number of examples. The
@@ -138,8 +138,8 @@ class MargLikTrainingArguments(TrainingArguments):
     kfac_approx: str | None = field(
         default=None,
         metadata={
-            "help": "K-FAC for weight sharing: 'expand' or 'reduce'; default: expand for "
-            "causal_lm, reduce otherwise."
+            "help": "K-FAC for weight sharing: 'expand' or 'reduce'; default (None): expand, "
+            "measured closer to the exact GGN (BENCHMARKS.md)."
         },
     )
     n_mc_samples: int = field(

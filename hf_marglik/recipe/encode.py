@@ -48,7 +48,7 @@ def encode_splits(
     def tok(texts: list[str]) -> list[list[int]]:
         if not texts:
             return []
-        return tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
 
     def fn(batch):
         n = len(batch["text"])

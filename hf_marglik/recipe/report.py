@@ -82,6 +82,12 @@ def summary(results: dict) -> str:
         f"Test ({test['n_predictions']} predictions): accuracy {test['accuracy']:.3f}, "
         f"NLL {test['nll']:.3f}, ECE {test['ece']:.3f}, Brier {test['brier']:.3f}."
     )
+    lap = results.get("test_laplace")
+    if lap is not None:
+        text += (
+            f" Laplace predictive: accuracy {lap['accuracy']:.3f}, NLL {lap['nll']:.3f}, "
+            f"ECE {lap['ece']:.3f}, Brier {lap['brier']:.3f}."
+        )
     m = results.get("marglik")
     if m is not None and m["log_marglik_best"] is not None:
         text += (

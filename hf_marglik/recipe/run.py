@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import time
 
+import torch
+
 from .answer_token import answer_token_ids
 from .arguments import DEFAULT_PROMPTS, TASK_LIKELIHOOD
 from .config import RunConfig
@@ -52,6 +54,25 @@ def _trainer(cfg: RunConfig, model, datasets, collator):
     )
 
 
+def laplace_test_metrics(cfg: RunConfig, trainer, dataset) -> dict | None:
+    """Accuracy, NLL, ECE, Brier of the Laplace predictive (``pred_type`` / ``link_approx`` of
+    the training arguments) on the test split: marglik runs with a classification likelihood."""
+    if not cfg.marglik or trainer.laplace is None or cfg.model.task == "causal_lm":
+        return None
+    from ..evaluation import calibration_report
+
+    a = cfg.training
+    report = calibration_report(
+        trainer.laplace,
+        trainer.get_test_dataloader(dataset),
+        a.pred_type,
+        a.link_approx,
+        a.predictive_samples,
+        torch.Generator().manual_seed(a.seed),
+    )
+    return {k.removeprefix("laplace_"): v for k, v in report.items() if k.startswith("laplace_")}
+
+
 def run(cfg: RunConfig) -> dict:
     """Train and evaluate as configured; return the results written to ``metrics.json``."""
     from transformers import set_seed
@@ -89,6 +110,7 @@ def run(cfg: RunConfig) -> dict:
 
         loader = tqdm(loader, desc="Test")
     test = evaluate(model, loader, m.task)
+    test_laplace = laplace_test_metrics(cfg, trainer, encoded["test"])
 
     results = {
         "mode": "marglik" if cfg.marglik else "plain",
@@ -104,6 +126,7 @@ def run(cfg: RunConfig) -> dict:
         "weight_decay": cfg.training.weight_decay,
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "test": test,
+        "test_laplace": test_laplace,
         "train_runtime_s": train_time,
         "marglik": marglik_results(trainer) if cfg.marglik else None,
         "output_dir": cfg.training.output_dir,

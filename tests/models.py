@@ -1,0 +1,317 @@
+"""Tiny float64 models and batches for the Laplace tests, built from configs (no downloads).
+
+Every builder returns ``(model, batches)``: ``batches`` is a list (a data loader stand-in) of
+dict batches (Hugging Face style, targets under ``"labels"``) or ``(x, y)`` pairs (plain MLPs).
+Trainable parameters are drawn at random (LoRA's ``B = 0`` initialisation would make the
+curvature of every ``lora_A`` vanish and hide bugs).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+DTYPE = torch.float64
+IGNORE_INDEX = -100
+
+
+def randomise_trainable(model: nn.Module, seed: int, scale: float = 0.5) -> nn.Module:
+    """Redraw every trainable parameter i.i.d. N(0, scale²) (reproducibly)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return model
+
+
+# ----------------------------------------------------------------------------------- MLPs
+
+
+def mlp(d_in: int = 3, d_hidden: int = 4, d_out: int = 3, seed: int = 0, bias: bool = True):
+    """``Linear → tanh → Linear`` in float64."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(d_in, d_hidden, bias=bias),
+        nn.Tanh(),
+        nn.Linear(d_hidden, d_out, bias=bias),
+    ).to(DTYPE)
+
+
+def mlp_classification(
+    n_batches: int = 2, batch: int = 5, d_in: int = 3, n_classes: int = 3, seed: int = 0
+):
+    """An MLP classifier and ``(x, y)`` batches; the second batch has one label -100."""
+    model = mlp(d_in, 4, n_classes, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    batches = []
+    for i in range(n_batches):
+        x = torch.randn(batch, d_in, generator=g, dtype=DTYPE)
+        y = torch.randint(n_classes, (batch,), generator=g)
+        if i == 1:
+            y[2] = IGNORE_INDEX
+        batches.append((x, y))
+    return model, batches
+
+
+def mlp_regression(
+    n_batches: int = 2, batch: int = 5, d_in: int = 3, d_out: int = 2, seed: int = 0
+):
+    """An MLP regressor and ``(x, y)`` batches with ``y`` of shape ``(batch, d_out)``."""
+    model = mlp(d_in, 4, d_out, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    batches = []
+    for _ in range(n_batches):
+        x = torch.randn(batch, d_in, generator=g, dtype=DTYPE)
+        y = torch.randn(batch, d_out, generator=g, dtype=DTYPE)
+        batches.append((x, y))
+    return model, batches
+
+
+# ------------------------------------------------------------- deep linear sequence models
+
+
+class DeepLinearSeq(nn.Module):
+    """A deep linear network applied at every position of ``x`` (batch, seq, d_in).
+
+    ``setting="expand"``: outputs at padded positions are zeroed and the (batch, seq, d_out)
+    outputs are flattened to (batch, seq·d_out), so the regression loss is a sum of
+    per-position MSE terms: K-FAC-expand is exact here.
+    ``setting="reduce"``: the outputs are averaged over the non-padded positions before the
+    loss, one MSE term per sequence: K-FAC-reduce is exact here (Eschenhagen et al., 2023).
+    """
+
+    def __init__(self, dims: list[int], setting: str, bias: bool = True):
+        super().__init__()
+        if setting not in ("expand", "reduce"):
+            raise ValueError(setting)
+        self.setting = setting
+        self.layers = nn.Sequential(
+            *[nn.Linear(a, b, bias=bias) for a, b in zip(dims[:-1], dims[1:])]
+        )
+
+    def forward(self, x: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        h = self.layers(x)
+        m = torch.ones(x.shape[:2], dtype=h.dtype) if attention_mask is None else attention_mask
+        m = m.to(h.dtype).unsqueeze(-1)
+        if self.setting == "expand":
+            return (h * m).reshape(h.shape[0], -1)
+        return (h * m).sum(1) / m.sum(1)
+
+
+def deep_linear_seq(
+    setting: str,
+    padded: bool = True,
+    dims: tuple[int, ...] = (3, 4, 2),
+    n_batches: int = 2,
+    batch: int = 3,
+    seq: int = 4,
+    bias: bool = True,
+    seed: int = 0,
+):
+    """A :class:`DeepLinearSeq` and dict batches ``{"x", "attention_mask", "labels"}``.
+
+    With ``padded`` some sequences are right-padded; the padded inputs are random (non-zero),
+    so any K-FAC factor that counts them is visibly wrong. Use ``dict_key_x="x"``.
+    """
+    torch.manual_seed(seed)
+    model = DeepLinearSeq(list(dims), setting, bias).to(DTYPE)
+    randomise_trainable(model, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    d_out = dims[-1]
+    batches = []
+    for i in range(n_batches):
+        x = torch.randn(batch, seq, dims[0], generator=g, dtype=DTYPE)
+        mask = torch.ones(batch, seq, dtype=torch.long)
+        if padded:
+            mask[0, seq - 1 - i :] = 0
+            mask[-1, seq - 2 :] = 0
+        if setting == "expand":
+            y = torch.randn(batch, seq, d_out, generator=g, dtype=DTYPE) * mask.unsqueeze(-1)
+            y = y.reshape(batch, seq * d_out)
+        else:
+            y = torch.randn(batch, d_out, generator=g, dtype=DTYPE)
+        batches.append({"x": x, "attention_mask": mask, "labels": y})
+    return model, batches
+
+
+# ------------------------------------------------------------------------ LoRA transformers
+
+
+def _lora(model: nn.Module, task_type: str, targets: list[str], r: int, **kw) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(
+        task_type=task_type, r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=targets, **kw
+    )
+    return get_peft_model(model, cfg)
+
+
+def _token_batches(
+    vocab: int,
+    n_batches: int,
+    batch: int,
+    seq: int,
+    padded: bool,
+    seed: int,
+    pad_token_id: int = 0,
+) -> list[dict]:
+    """Random token batches; with ``padded`` the first sequence of each batch is right-padded."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n_batches):
+        ids = torch.randint(1, vocab, (batch, seq), generator=g)
+        mask = torch.ones(batch, seq, dtype=torch.long)
+        if padded:
+            mask[0, seq - 2 - (i % 2) :] = 0
+            ids[mask == 0] = pad_token_id
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
+def bert_lora(
+    num_labels: int = 3,
+    regression: bool = False,
+    hidden: int = 8,
+    layers: int = 1,
+    r: int = 2,
+    n_batches: int = 2,
+    batch: int = 3,
+    seq: int = 5,
+    padded: bool = True,
+    ignore_one: bool = True,
+    seed: int = 0,
+):
+    """Tiny random BERT for sequence classification (or regression with ``num_labels``
+    outputs) with peft LoRA on query/value and the classifier head in ``modules_to_save``."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        vocab_size=20,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=32,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=num_labels,
+        problem_type="regression" if regression else "single_label_classification",
+        attn_implementation="eager",
+    )
+    model = BertForSequenceClassification(cfg).to(DTYPE)
+    model = _lora(model, "SEQ_CLS", ["query", "value"], r, modules_to_save=["classifier"])
+    randomise_trainable(model, seed)
+    batches = _token_batches(cfg.vocab_size, n_batches, batch, seq, padded, seed + 1)
+    g = torch.Generator().manual_seed(seed + 2)
+    for i, b in enumerate(batches):
+        if regression:
+            b["labels"] = torch.randn(batch, num_labels, generator=g, dtype=DTYPE)
+        else:
+            y = torch.randint(num_labels, (batch,), generator=g)
+            if ignore_one and i == n_batches - 1:
+                y[-1] = IGNORE_INDEX
+            b["labels"] = y
+    return model, batches
+
+
+def _lm_labels(batches: list[dict], ignore_one: bool, pad_label: int | None) -> list[dict]:
+    """``labels = input_ids``; padded positions get ``pad_label`` (-100 in HF, or a real token
+    id to check that ``attention_mask`` alone masks them); optionally one -100 inside a row."""
+    for i, b in enumerate(batches):
+        y = b["input_ids"].clone()
+        if pad_label is not None:
+            y[b["attention_mask"] == 0] = pad_label
+        if ignore_one and i == 0:
+            y[-1, 2] = IGNORE_INDEX
+        b["labels"] = y
+    return batches
+
+
+def gpt2_lora(
+    hidden: int = 8,
+    layers: int = 1,
+    vocab: int = 16,
+    r: int = 2,
+    n_batches: int = 2,
+    batch: int = 2,
+    seq: int = 5,
+    padded: bool = True,
+    ignore_one: bool = True,
+    pad_label: int | None = IGNORE_INDEX,
+    seed: int = 0,
+):
+    """Tiny random GPT-2 causal LM with LoRA on ``c_attn`` (a Conv1D: ``fan_in_fan_out``)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(
+        vocab_size=vocab,
+        n_positions=32,
+        n_embd=hidden,
+        n_layer=layers,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+        attn_implementation="eager",
+    )
+    model = GPT2LMHeadModel(cfg).to(DTYPE)
+    model = _lora(model, "CAUSAL_LM", ["c_attn"], r, fan_in_fan_out=True)
+    randomise_trainable(model, seed)
+    batches = _token_batches(vocab, n_batches, batch, seq, padded, seed + 1)
+    return model, _lm_labels(batches, ignore_one, pad_label)
+
+
+def _rmsnorm_in_input_dtype(model: nn.Module) -> None:
+    """LLaMA's RMSNorm computes in float32 whatever the input dtype; its rounding (~1e-8) would
+    swamp float64 comparisons. Swap in the same formula in the input's dtype."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    class RMSNormNative(LlamaRMSNorm):
+        def forward(self, h: Tensor) -> Tensor:
+            var = h.pow(2).mean(-1, keepdim=True)
+            return self.weight * (h * torch.rsqrt(var + self.variance_epsilon))
+
+    for m in model.modules():
+        if type(m) is LlamaRMSNorm:
+            m.__class__ = RMSNormNative
+
+
+def llama_lora(
+    hidden: int = 8,
+    layers: int = 1,
+    vocab: int = 16,
+    r: int = 2,
+    n_batches: int = 2,
+    batch: int = 2,
+    seq: int = 5,
+    padded: bool = True,
+    ignore_one: bool = True,
+    pad_label: int | None = IGNORE_INDEX,
+    seed: int = 0,
+):
+    """Tiny random LLaMA causal LM with LoRA on ``q_proj``/``v_proj``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=hidden // 2,
+        max_position_embeddings=32,
+        attn_implementation="sdpa",  # LLaMA's eager softmax runs in float32
+    )
+    model = LlamaForCausalLM(cfg).to(DTYPE)
+    _rmsnorm_in_input_dtype(model)
+    model = _lora(model, "CAUSAL_LM", ["q_proj", "v_proj"], r)
+    randomise_trainable(model, seed)
+    batches = _token_batches(vocab, n_batches, batch, seq, padded, seed + 1)
+    return model, _lm_labels(batches, ignore_one, pad_label)
