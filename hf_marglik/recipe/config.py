@@ -47,6 +47,7 @@ RECIPE_DEFAULTS: dict[str, Any] = {
     "n_epochs_burnin": 1,
     "marglik_frequency": 1,
     "n_hypersteps": 50,
+    "eval_laplace": False,
 }
 
 _CLI_ONLY = {"help", "config"}
