@@ -213,3 +213,18 @@ def test_compress_with_rank_above_sizes_changes_nothing():
     before = lap.log_marginal_likelihood()
     lap.compress(rank=100)
     assert lap.log_marginal_likelihood() == before
+
+
+def test_streaming_meter_of_the_recipe_agrees_with_calibration_metrics():
+    from hf_marglik.recipe.metrics import CalibrationMeter
+
+    g = torch.Generator().manual_seed(0)
+    logits = 3 * torch.randn(50, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 4, (50,), generator=g)
+    meter = CalibrationMeter(n_bins=15)
+    meter.update(logits[:20], y[:20])
+    meter.update(logits[20:], y[20:])
+    streamed = meter.compute()
+    direct = calibration_metrics(torch.softmax(logits, -1), y, n_bins=15)
+    for key in ("accuracy", "nll", "ece", "brier"):
+        assert streamed[key] == pytest.approx(direct[key], rel=1e-9, abs=1e-12)
