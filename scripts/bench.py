@@ -362,6 +362,10 @@ def worker_marglik(cfg: dict, impl: str, model_name: str) -> dict:
         else:
             model = _logits_module(hf, flatten_lm=True)
             loader = _loader(examples, cfg["batch_size"], _flat_lm)
+    # Both start in train mode: from_pretrained returns an eval-mode model and laplace-torch never
+    # calls model.train() (it would train without dropout throughout); hf_marglik sets train
+    # mode every epoch. laplace-torch still leaves the model in eval mode after its first fit.
+    model.train()
     torch.manual_seed(cfg["seed"] + 7)  # dropout and Monte-Carlo draws
     if impl == "ours":
         import hf_marglik
@@ -742,6 +746,9 @@ class Table:
 
 def orchestrate(args, cfg: dict) -> int:
     global SNAPSHOT
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # atexit removes the snapshot
     groups = set(args.only or ["marglik", "trainer", "kernels", "plain"])
     log = print
     info = machine()
