@@ -43,6 +43,7 @@ from .factors import DenseFactor, SketchedFactor, new_factor
 from .options import Backend, HessianStructure, KFACApprox
 
 MAX_EXACT_OUTPUTS = 1024
+MAX_REDUCED_OUTPUTS = 64  # exact GGN: C − 1 columns up to here (a C × C eigh per data point)
 
 
 @dataclass
@@ -96,6 +97,23 @@ def check_outputs(n_outputs: int, backend: Backend) -> None:
         )
 
 
+def _softmax_hessian_root(p: Tensor) -> list[Tensor]:
+    """``C − 1`` columns ``s`` with ``Σ_s s sᵀ = diag(p) − p pᵀ`` (per example), one fewer
+    backward pass than the ``C`` columns ``√p_c (e_c − p)``: the Hessian has rank ``C − 1``
+    (``1`` is in its kernel), so it is ``U M Uᵀ`` for an orthonormal basis ``U`` of ``1^⊥`` and
+    ``M = Uᵀ H U`` (``C − 1`` square), and the columns are ``U V √Λ`` from ``M = V Λ Vᵀ``."""
+    C = p.shape[-1]
+    q = p.double()
+    H = torch.diag_embed(q) - q.unsqueeze(-1) * q.unsqueeze(-2)
+    # U: the last C − 1 columns of the Q factor of [1, I] (orthonormal, orthogonal to 1)
+    ones = torch.ones(C, 1, dtype=q.dtype, device=q.device)
+    U = torch.linalg.qr(torch.cat([ones, torch.eye(C, dtype=q.dtype, device=q.device)], 1))[0]
+    U = U[:, 1:]
+    lam, V = torch.linalg.eigh(U.T @ H @ U)
+    S = (U @ V) * lam.clamp_min(0).sqrt().unsqueeze(-2)  # (..., C, C − 1)
+    return [S[..., k].to(p.dtype) for k in range(C - 1)]
+
+
 def loss_columns(
     t: Targets, backend: Backend, n_samples: int = 1, generator: torch.Generator | None = None
 ) -> Iterator[Tensor]:
@@ -106,7 +124,9 @@ def loss_columns(
     categorical = t.y.dtype in (torch.long, torch.int, torch.int32)
     if categorical:
         p = torch.softmax(f, dim=-1)
-        if backend == Backend.GGN:
+        if backend == Backend.GGN and 1 < f.shape[-1] <= MAX_REDUCED_OUTPUTS:
+            yield from (s * m for s in _softmax_hessian_root(p))
+        elif backend == Backend.GGN:
             for c in range(f.shape[-1]):
                 s = -p * p[..., c : c + 1].sqrt()
                 s[..., c] += p[..., c].sqrt()

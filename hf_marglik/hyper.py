@@ -229,12 +229,13 @@ class HyperOptimizer:
                 values.append(neg.item())
                 self._record(prec, sigma)
                 break
-            saved = self.state_dict()
+            saved = self._snapshot()
             self.optimizer.step()
             values.append(neg.item())
             self._record(prec, sigma)
             if not self._valid():
-                self.load_state_dict(saved)
+                self._restore(saved)
+                self._record(prec, sigma)  # the values just evaluated are the current ones
                 self._skip("the step would make a precision or the noise 0 or infinite")
                 break
         self.optimizer.zero_grad()
@@ -246,6 +247,22 @@ class HyperOptimizer:
     def _record(self, prec: Tensor, sigma: Tensor | None) -> None:
         self.evaluated_prior_precision = prec.detach().clone()
         self.evaluated_sigma_noise = self.sigma_noise if sigma is None else sigma.detach().clone()
+
+    def _snapshot(self) -> tuple[list[tuple[Tensor, Tensor]], set]:
+        """Copies of the hyperparameters and Adam's state tensors (cheap: one small clone each,
+        where ``state_dict`` deep-copies), to undo a step."""
+        tensors = list(self._hypers())
+        for state in self.optimizer.state.values():
+            tensors += [v for v in state.values() if torch.is_tensor(v)]
+        return [(t, t.detach().clone()) for t in tensors], set(self.optimizer.state)
+
+    def _restore(self, snapshot: tuple[list[tuple[Tensor, Tensor]], set]) -> None:
+        pairs, had_state = snapshot
+        with torch.no_grad():
+            for t, saved in pairs:
+                t.copy_(saved)
+        for p in [p for p in self.optimizer.state if p not in had_state]:
+            del self.optimizer.state[p]  # the undone step was the first: no Adam state before
 
     def _valid(self) -> bool:
         for h in self._hypers():

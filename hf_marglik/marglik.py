@@ -76,7 +76,9 @@ def marglik_training(
     ``marglik_frequency``-th epoch once ``epoch >= n_epochs_burnin`` a Laplace approximation is
     fit on ``train_loader`` and ``n_hypersteps`` Adam steps (step size ``lr_hyp``, state kept
     across estimates) are taken on ``−log p(D | P, σ)`` in log space. The parameters with the
-    lowest ``−log p(D)`` seen are restored at the end and the Laplace approximation is refit.
+    lowest ``−log p(D)`` seen are restored at the end together with the Laplace approximation
+    fitted at them (laplace-torch refits it there, one curvature pass more for the same result;
+    with ``"ggn-mc"`` the Monte-Carlo draws of that fit are kept rather than redrawn).
 
     Arguments, defaults and returns are laplace-torch's ``marglik_training``; ``backend`` takes
     ``"ggn"``, ``"ggn-mc"``, ``"ef"`` or a laplace-torch curvature class (mapped by name, see
@@ -193,20 +195,25 @@ def marglik_training(
         margliks.extend(hyper.step(lap, n_hypersteps))
         if margliks and margliks[-1] < best_marglik:
             best_marglik = margliks[-1]
+            # the fit was made at exactly these parameters: it is kept and returned at the end
+            # instead of refitting (laplace-torch refits, which costs one more curvature pass)
             best = (
                 [p.detach().clone() for p in params],
                 hyper.evaluated_prior_precision,
                 hyper.evaluated_sigma_noise,
+                lap,
             )
             logger.info("MARGLIK[epoch=%d]: MargLik=%.2f, new best.", epoch, best_marglik)
 
-    if best is not None:
-        with torch.no_grad():
-            for p, b in zip(params, best[0]):
-                p.copy_(b)
-        prec, sigma = best[1], best[2]
-    else:
+    if best is None:
         prec, sigma = hyper.prior_precision, hyper.sigma_noise
-    logger.info("MARGLIK: best of %s restored: %s", names[:3], prec)
-    lap = laplace(prec, sigma, backprop=enable_backprop).fit(train_loader)
+        lap = laplace(prec, sigma, backprop=enable_backprop).fit(train_loader)
+        return lap, model, margliks, losses
+    with torch.no_grad():
+        for p, b in zip(params, best[0]):
+            p.copy_(b)
+    lap, lap.prior_precision = best[3], best[1]
+    if likelihood == Likelihood.REGRESSION:
+        lap.sigma_noise = best[2]
+    logger.info("MARGLIK: best of %s restored: %s", names[:3], best[1])
     return lap, model, margliks, losses

@@ -33,6 +33,21 @@ def _inputs(lap, batch):
 
 def glm_moments(lap, batch) -> tuple[Tensor, Tensor]:
     """Mean ``(n, k)`` and covariance ``(n, k, k)`` of the linearised network's outputs."""
+    logits, jacobians = glm_jacobians(lap, batch)
+    return logits, glm_covariance(lap, jacobians, *logits.shape)
+
+
+def glm_covariance(lap, jacobians: list[Tensor], n: int, k: int) -> Tensor:
+    """``J(x) Σ J(x)ᵀ`` per example, ``(n, k, k)``, from :func:`glm_jacobians`: the Jacobians
+    depend on the model only, so one set serves several posteriors over the same parameters
+    (e.g. compressed ones)."""
+    cov = quadratic(lap, jacobians).reshape(n, k, n, k)
+    return torch.diagonal(cov, dim1=0, dim2=2).permute(2, 0, 1)
+
+
+def glm_jacobians(lap, batch) -> tuple[Tensor, list[Tensor]]:
+    """The logits ``(n, k)`` and, per trainable tensor, the Jacobian of the logits in it,
+    ``(n·k, numel)`` with rows ordered example-major."""
     model = lap.model
     inputs = B.to_device(_inputs(lap, batch), lap.device)
     was_training = model.training
@@ -69,9 +84,7 @@ def glm_moments(lap, batch) -> tuple[Tensor, Tensor]:
     chunks = [
         torch.stack([r[i] for r in rows], dim=1).reshape(n * k, -1) for i in range(len(lap._sizes))
     ]
-    cov = quadratic(lap, chunks).reshape(n, k, n, k)
-    cov = torch.diagonal(cov, dim1=0, dim2=2).permute(2, 0, 1)
-    return logits.detach().to(lap.dtype), cov
+    return logits.detach().to(lap.dtype), chunks
 
 
 def predictive(

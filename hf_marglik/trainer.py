@@ -21,24 +21,30 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import warnings
 from collections.abc import Mapping
 
 import torch
 import torch.distributed as dist
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .batches import call_model, nll_sum, split_batch, targets_for
 from .evaluation import calibration_report
 from .hyper import HyperOptimizer, batch_targets, count_data_points
-from .laplace import Laplace
-from .options import Likelihood, PriorStructure
+from .laplace import MAX_DENSE_BLOCK, Laplace
+from .options import HessianStructure, Likelihood, PriorStructure
+from .parallel import check_parallelism
 from .params import trainable_parameters
+from .preemption import SigtermCheckpointCallback
 from .training_args import MargLikTrainingArguments
 
 STATE_NAME = "marglik_state.pt"
 """Extra training state in each checkpoint folder (hyper-optimizer, best model, histories)."""
+MAX_FULL_PARAMS = 20_000
+"""``hessian_structure='full'`` is refused above this many trainable parameters (a dense
+``n × n`` curvature: 3.2 GB in float64 at the limit)."""
 HYPERPARAMETERS_NAME = "marglik_hyperparameters.json"
 """The learned hyperparameters, written by ``save_model`` beside the model or adapter."""
 
@@ -69,19 +75,25 @@ class MargLikTrainer(Trainer):
     - ``margliks``: negative log marginal likelihoods, one per hyper-step (as laplace-torch);
     - ``losses``: the mean training loss (log joint per data point) of each completed epoch;
     - ``marglik_update_steps``: the global steps after which the hyperparameters were updated;
+    - ``marglik_skipped_steps``: the steps whose update was skipped (a curvature fit or log
+      marginal likelihood with NaN / Inf, a step to a precision of 0 or Inf; with a warning);
     - ``n_data``: the data points the likelihood counts (sequences, or target tokens).
 
     Logged after every update (through ``log``, so every ``report_to`` target gets them):
     ``marglik`` (the log marginal likelihood), ``prior_prec_mean/min/max``,
-    ``prior_prec/<tensor>`` (layerwise: the value; diag: the tensor's mean) and ``sigma_noise``
-    (regression). ``eval_loss`` is the held-out likelihood term per data point, without the prior.
+    ``prior_prec/<tensor>`` (layerwise: the value; diag: the tensor's mean), ``sigma_noise``
+    (regression) and ``marglik_n_clipped`` (negative K-FAC eigenvalues from rounding, clipped
+    to 0); ``marglik_skipped`` after a skipped update. ``eval_loss`` is the held-out likelihood
+    term per data point, without the prior.
 
     The curvature pass runs over the training data (or the ``marglik_subset``) in order, with
     ``per_device_eval_batch_size`` and the Trainer's collator; ``N`` is counted once from the
     targets, without a model call.
 
     Checkpoints hold ``marglik_state.pt`` beside the Trainer's files;
-    ``train(resume_from_checkpoint)`` reads it, so a resumed run equals an uninterrupted one.
+    ``train(resume_from_checkpoint)`` reads it, so a resumed run equals an uninterrupted one;
+    ``True`` picks the last complete checkpoint. SIGTERM saves a checkpoint and stops
+    (``save_on_sigterm``, :mod:`hf_marglik.preemption`).
     ``save_model`` writes ``marglik_hyperparameters.json`` beside the model. Data-parallel runs
     (accelerate, torchrun) count the data and sum the curvature over all processes, which then
     hold identical hyperparameters.
@@ -90,6 +102,7 @@ class MargLikTrainer(Trainer):
     loss_is_scaled_for_ga = True
 
     def __init__(self, *args, **kwargs):
+        check_parallelism(kwargs.get("args", args[1] if len(args) > 1 else None))
         super().__init__(*args, **kwargs)
         if not isinstance(self.args, MargLikTrainingArguments):
             raise TypeError(
@@ -108,30 +121,54 @@ class MargLikTrainer(Trainer):
         if not hasattr(Trainer, "loss_is_scaled_for_ga"):
             # older transformers divide the loss by the accumulation steps unless this is set
             self.model_accepts_loss_kwargs = True
-        trainable_parameters(self.model)  # a clear error when nothing is trainable
+        named = trainable_parameters(self.model)  # a clear error when nothing is trainable
+        self._names, self._params = [n for n, _ in named], [p for _, p in named]
+        self._check_inputs()  # before any work, so that scripts report them as bad input
         self.laplace: Laplace | None = None
         self.margliks: list[float] = []
         self.losses: list[float] = []
         self.marglik_update_steps: list[int] = []
+        self.marglik_skipped_steps: list[int] = []
         self.n_data: int | None = None
         self._hyper: HyperOptimizer | None = None
         self._final = False
         self.add_callback(_MargLikCallback(self))
+        # after the marglik callback: a SIGTERM checkpoint holds that step's update
+        self.sigterm_callback = SigtermCheckpointCallback() if self.args.save_on_sigterm else None
+        if self.sigterm_callback is not None:
+            self.add_callback(self.sigterm_callback)
 
     # ------------------------------------------------------------------ training
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs):
         """``Trainer.train`` with the marginal-likelihood steps; at the end the best parameters
-        are restored (``restore_best_marglik``) and the Laplace approximation is refit."""
+        are restored (``restore_best_marglik``) with the Laplace approximation fitted at them.
+
+        ``resume_from_checkpoint=True`` resumes from the last *complete* checkpoint in
+        ``output_dir``: one that holds ``marglik_state.pt``, the file written last (atomically)
+        into a checkpoint. A folder a kill left half-written is skipped with a warning.
+
+        With ``save_on_sigterm`` (default), SIGTERM during the training loop writes a checkpoint
+        at the next step boundary and ends training early (:mod:`hf_marglik.preemption`): then
+        ``sigterm_callback.stopped_at`` is that step and the end-of-training work (best-model
+        restore, final Laplace fit) is not done; resume from the checkpoint to finish.
+        """
         if resume_from_checkpoint is True:
-            out = self.args.output_dir
-            last = get_last_checkpoint(out) if out and os.path.isdir(out) else None
-            if last is None:
-                raise ValueError(f"No checkpoint in output_dir={out!r} to resume from.")
-            resume_from_checkpoint = last
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
         elif resume_from_checkpoint is False:
             resume_from_checkpoint = None
         self._start(resume_from_checkpoint)
-        output = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+        stop = self.sigterm_callback
+        if stop is not None:
+            stop.install()
+        try:
+            output = super().train(
+                resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs
+            )
+        finally:
+            if stop is not None:
+                stop.restore()
+        if stop is not None and stop.stopped_at is not None:
+            return output  # preempted: the checkpoint is written, finish after resuming
         self._finish()
         return output
 
@@ -140,6 +177,9 @@ class MargLikTrainer(Trainer):
         named = trainable_parameters(self.model)
         self._names = [n for n, _ in named]
         self._params = [p for _, p in named]
+        if self.train_dataset is None:
+            raise ValueError("MargLikTrainer.train() needs a train_dataset.")
+        self._check_inputs()
         self._hyper = HyperOptimizer(
             [p.numel() for p in self._params],
             a.likelihood,
@@ -164,8 +204,10 @@ class MargLikTrainer(Trainer):
         self._fit_dataset = self._subset(self.train_dataset)
         self.laplace, self._final = None, False
         self.margliks, self.losses, self.marglik_update_steps = [], [], []
+        self.marglik_skipped_steps: list[int] = []
         self._best: dict | None = None
         self._best_marglik = math.inf
+        self._fitted_at: dict[int, Laplace] = {}  # global step -> fit (last and best only)
         self._epoch_loss, self._epoch_items = 0.0, 0
         self._check_schedule()
         if self.optimizer is not None and any(
@@ -179,6 +221,38 @@ class MargLikTrainer(Trainer):
             )
         if checkpoint is not None:
             self._load_state(checkpoint)
+
+    def _check_inputs(self) -> None:
+        """Input errors that would otherwise surface mid-training (or exhaust memory), raised
+        at construction and again when training starts."""
+        a = self.args
+        try:
+            empty = self.train_dataset is not None and len(self.train_dataset) == 0
+        except TypeError:  # no length (an iterable dataset)
+            empty = False
+        if empty:
+            raise ValueError("The training dataset is empty (0 examples): pass a train_dataset.")
+        n_params = sum(p.numel() for p in self._params)
+        if a.hessian_structure == HessianStructure.FULL and n_params > MAX_FULL_PARAMS:
+            gb = n_params**2 * self._params[0].element_size() / 1e9
+            raise ValueError(
+                f"hessian_structure='full' stores a dense {n_params:,} x {n_params:,} matrix "
+                f"({gb:,.1f} GB) for the {n_params:,} trainable parameters (limit "
+                f"{MAX_FULL_PARAMS:,}). Use hessian_structure='kron' or 'diag'."
+            )
+        if (
+            a.prior_structure == PriorStructure.DIAG
+            and a.hessian_structure == HessianStructure.KRON
+        ):
+            big = [(n, p.numel()) for n, p in zip(self._names, self._params)]
+            big = [(n, k) for n, k in big if k > MAX_DENSE_BLOCK]
+            if big:
+                raise ValueError(
+                    f"prior_structure='diag' with hessian_structure='kron' factorises each "
+                    f"tensor's block densely, and {big[0][0]} has {big[0][1]} parameters (limit "
+                    f"{MAX_DENSE_BLOCK}). Use prior_structure='layerwise' or 'scalar', or "
+                    "hessian_structure='diag' with a diagonal prior."
+                )
 
     def _subset(self, dataset):
         s = self.args.marglik_subset
@@ -332,14 +406,32 @@ class MargLikTrainer(Trainer):
         return lap
 
     def _marglik_update(self) -> None:
+        """Fit the curvature and step the hyperparameters. A fit with NaN or Inf (a diverged
+        model, a float16 overflow), or an update whose first hyper-step the hyper-optimizer
+        rejects, is skipped with a ``RuntimeWarning``: the hyperparameters, ``laplace`` and the
+        best model stay as they were, the step goes to ``marglik_skipped_steps`` and
+        ``marglik_skipped`` is logged."""
         hyper = self._hyper
-        lap = self._fit(self._new_laplace(hyper.prior_precision, hyper.sigma_noise))
-        values = hyper.step(lap, self.args.n_hypersteps)
+        lap, fault = self._checked_fit(self._new_laplace(hyper.prior_precision, hyper.sigma_noise))
+        if fault is not None:
+            warnings.warn(
+                f"Skipping the hyperparameter update at step {self.state.global_step}: the "
+                f"curvature fit is not finite ({fault}); a diverged model or a float16 "
+                "overflow? The prior precision and noise keep their previous values and "
+                "training goes on.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            values = []
+        else:
+            values = hyper.step(lap, self.args.n_hypersteps)  # warns itself when it skips
+        if not values:
+            self.marglik_skipped_steps.append(self.state.global_step)
+            self.log({"marglik_skipped": 1.0})
+            return
         self.laplace = lap
         self.margliks.extend(values)
         self.marglik_update_steps.append(self.state.global_step)
-        if not values:
-            return
         if values[-1] < self._best_marglik:
             self._best_marglik = values[-1]
             self._best = {
@@ -348,12 +440,41 @@ class MargLikTrainer(Trainer):
                 "sigma_noise": hyper.evaluated_sigma_noise.clone(),
                 "step": self.state.global_step,
             }
-        self.log(self._hyper_logs(-values[-1]))
+        self._keep_fit(lap)
+        self.log(self._hyper_logs(-values[-1], lap.n_clipped))
 
-    def _hyper_logs(self, log_marglik: float) -> dict[str, float]:
+    def _keep_fit(self, lap: Laplace) -> None:
+        """Keep this update's fit and the best update's (for reuse at the end), drop others."""
+        step = self.state.global_step
+        keep = {step} | ({self._best["step"]} if self._best is not None else set())
+        self._fitted_at = {s: f for s, f in {**self._fitted_at, step: lap}.items() if s in keep}
+
+    def _checked_fit(self, lap: Laplace) -> tuple[Laplace, str | None]:
+        """Fit ``lap``; return it and ``None``, or a description of what is not finite. The
+        check is the log marginal likelihood at the current hyperparameters: finite exactly
+        when the fit's loss and every curvature eigenvalue are finite."""
+        failed = None
+        try:
+            self._fit(lap)
+        except torch.linalg.LinAlgError as err:  # eigh of a matrix with Inf, or NaN on GPU
+            failed = err
+        if lap.loss is not None and not torch.isfinite(lap.loss):
+            return lap, f"the training loss over the fit's data is {float(lap.loss)}"
+        try:
+            if failed is not None:
+                raise failed
+            value = lap.log_marginal_likelihood()
+        except torch.linalg.LinAlgError as err:
+            return lap, f"its decomposition failed: {err}"
+        if not torch.isfinite(value):
+            return lap, f"the curvature holds NaN or Inf; log marginal likelihood {float(value)}"
+        return lap, None
+
+    def _hyper_logs(self, log_marglik: float, n_clipped: int = 0) -> dict[str, float]:
         prec = self._hyper.prior_precision
         logs = {
             "marglik": log_marglik,
+            "marglik_n_clipped": n_clipped,
             "prior_prec_mean": float(prec.mean()),
             "prior_prec_min": float(prec.min()),
             "prior_prec_max": float(prec.max()),
@@ -385,7 +506,30 @@ class MargLikTrainer(Trainer):
                 for p, b in zip(self._params, self._best["params"]):
                     p.copy_(b)
             prec, sigma = self._best["prior_precision"], self._best["sigma_noise"]
-        self.laplace = self._fit(self._new_laplace(prec, sigma, backprop=a.enable_backprop))
+            step = self._best["step"]
+        else:
+            step = self.state.global_step
+        # a fit made at exactly the final parameters (the best update's, or the last update's
+        # when training ended with it) is reused with the final hyperparameters; otherwise (a
+        # resumed run whose best came before the checkpoint, steps after the last update) refit
+        lap = self._fitted_at.get(step)
+        self._final_hyper = (prec, sigma)
+        if lap is None or a.enable_backprop:
+            new = self._new_laplace(prec, sigma, backprop=a.enable_backprop)
+            lap, fault = self._checked_fit(new)
+            if fault is not None:
+                warnings.warn(
+                    f"The final Laplace approximation is not finite ({fault}): trainer.laplace "
+                    "is None; the learned hyperparameters are kept.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                lap = None
+        else:
+            lap.prior_precision = prec
+            if a.likelihood == Likelihood.REGRESSION:
+                lap.sigma_noise = sigma
+        self.laplace, self._fitted_at = lap, {}
         self._final = True
 
     @property
@@ -408,6 +552,7 @@ class MargLikTrainer(Trainer):
             "margliks": list(self.margliks),
             "losses": list(self.losses),
             "marglik_update_steps": list(self.marglik_update_steps),
+            "marglik_skipped_steps": list(self.marglik_skipped_steps),
             "epoch_loss": float(self._epoch_loss),
             "epoch_items": self._epoch_items,
         }
@@ -441,6 +586,7 @@ class MargLikTrainer(Trainer):
         self._best, self._best_marglik = sd["best"], sd["best_marglik"]
         self.margliks, self.losses = list(sd["margliks"]), list(sd["losses"])
         self.marglik_update_steps = list(sd["marglik_update_steps"])
+        self.marglik_skipped_steps = list(sd.get("marglik_skipped_steps", []))
         self._epoch_loss, self._epoch_items = sd["epoch_loss"], sd["epoch_items"]
 
     def hyperparameters(self) -> dict:
@@ -448,8 +594,8 @@ class MargLikTrainer(Trainer):
         hyper, a = self._hyper, self.args
         if hyper is None:
             raise RuntimeError("No hyperparameters yet: call train() first.")
-        if self._final and self.laplace is not None:
-            prec, sigma = self.laplace.prior_precision, self.laplace.sigma_noise
+        if self._final:
+            prec, sigma = self._final_hyper
         else:
             prec, sigma = hyper.prior_precision, hyper.sigma_noise
         prec = prec.detach().cpu().double()
@@ -480,8 +626,8 @@ class MargLikTrainer(Trainer):
         data = self.hyperparameters()
         if "prior_precision" not in data:
             prec = self._hyper.prior_precision.cpu()
-            if self._final and self.laplace is not None:
-                prec = self.laplace.prior_precision.detach().cpu()
+            if self._final:
+                prec = self._final_hyper[0].detach().cpu()
             _atomic(os.path.join(output_dir, "marglik_prior_precision.pt"), torch.save, prec)
         _atomic(os.path.join(output_dir, HYPERPARAMETERS_NAME), _write_json, data)
 
@@ -500,6 +646,40 @@ def _sum_over_processes(n: int) -> int:
         t = t.cuda()
     dist.all_reduce(t)
     return int(t.item())
+
+
+def last_complete_checkpoint(output_dir: str | None) -> str:
+    """The ``checkpoint-<step>`` folder of ``output_dir`` with the highest step that holds
+    ``marglik_state.pt`` (written last into a checkpoint, so its presence means the Trainer's
+    files before it are complete); later folders without it are skipped with a warning."""
+    if not output_dir or not os.path.isdir(output_dir):
+        raise ValueError(f"No checkpoint in output_dir={output_dir!r} to resume from.")
+    pattern = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+    steps = sorted(
+        (int(m.group(1)), name)
+        for name in os.listdir(output_dir)
+        if (m := pattern.match(name)) and os.path.isdir(os.path.join(output_dir, name))
+    )
+    incomplete = []
+    for _, name in reversed(steps):
+        folder = os.path.join(output_dir, name)
+        if os.path.isfile(os.path.join(folder, STATE_NAME)):
+            if incomplete:
+                warnings.warn(
+                    f"Skipping incomplete checkpoint(s) {', '.join(incomplete)} (no "
+                    f"{STATE_NAME}: the run was killed while saving?); resuming from {folder}.",
+                    UserWarning,
+                    stacklevel=3,
+                )
+            return folder
+        incomplete.append(name)
+    if incomplete:
+        raise ValueError(
+            f"No complete MargLikTrainer checkpoint in output_dir={output_dir!r}: "
+            f"{', '.join(reversed(incomplete))} lack {STATE_NAME}. Start without "
+            "resume_from_checkpoint."
+        )
+    raise ValueError(f"No checkpoint in output_dir={output_dir!r} to resume from.")
 
 
 def _atomic(path: str, write, obj) -> None:

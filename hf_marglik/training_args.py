@@ -77,6 +77,12 @@ class MargLikTrainingArguments(TrainingArguments):
         link_approx: ``"probit"`` (default) or ``"mc"`` for the glm predictive.
         predictive_samples: samples of the ``"nn"`` predictive or of the ``"mc"`` link.
 
+    Interruptions:
+        save_on_sigterm: on SIGTERM, save a checkpoint at the next optimizer-step boundary and
+            stop training (default True; :mod:`hf_marglik.preemption`). transformers'
+            ``enable_jit_checkpoint=True`` is taken as this (its checkpoints would lack
+            ``marglik_state.pt``) and set back to False with a warning.
+
     ``weight_decay`` must stay 0: the learned prior replaces it (a positive value is set to 0
     with a warning, as laplace-torch does).
     """
@@ -196,6 +202,13 @@ class MargLikTrainingArguments(TrainingArguments):
         default=100,
         metadata={"help": "Samples of the 'nn' predictive or of the 'mc' link."},
     )
+    save_on_sigterm: bool = field(
+        default=True,
+        metadata={
+            "help": "On SIGTERM (preemption), save a checkpoint at the next optimizer step and "
+            "stop training; resume with resume_from_checkpoint."
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -241,6 +254,14 @@ class MargLikTrainingArguments(TrainingArguments):
                 stacklevel=2,
             )
             self.weight_decay = 0.0
+        if self.enable_jit_checkpoint:
+            warnings.warn(
+                "enable_jit_checkpoint is replaced by save_on_sigterm=True: transformers' JIT "
+                "checkpoint skips on_save, so it would lack MargLikTrainer's state.",
+                UserWarning,
+                stacklevel=2,
+            )
+            self.enable_jit_checkpoint, self.save_on_sigterm = False, True
         if self.load_best_model_at_end and self.restore_best_marglik:
             raise ValueError(
                 "load_best_model_at_end=True and restore_best_marglik=True both pick the final "

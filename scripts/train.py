@@ -27,8 +27,11 @@ def make_parser():
 
 def main(args: list[str] | None = None) -> int:
     """Run training with command-line ``args`` (default ``sys.argv[1:]``); return the exit status:
-    0 on success, 2 for a bad input (the message is printed, no traceback)."""
+    0 on success, 2 for a bad input (the message is printed, no traceback), 143 after SIGTERM
+    (a checkpoint was written; resume with ``--resume_from_checkpoint true``)."""
+    from hf_marglik.preemption import SIGTERM_EXIT_CODE
     from hf_marglik.recipe import RecipeError, parse_args, run
+    from hf_marglik.recipe.errors import TrainingInterrupted
 
     try:
         cfg = parse_args(args)
@@ -36,6 +39,9 @@ def main(args: list[str] | None = None) -> int:
     except RecipeError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as e:  # SIGTERM: a checkpoint was written
+        print(f"train.py: {e}", file=sys.stderr)
+        return SIGTERM_EXIT_CODE
     return 0
 
 

@@ -118,3 +118,41 @@ def test_layers_reading_one_input_share_their_input_factor_until_it_differs():
     (_, A1), _, (_, A2), _ = lap.kron_factors()
     torch.testing.assert_close(A1, A_a, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(A2, A_b, rtol=1e-12, atol=1e-12)
+
+
+def _sketch_worker(rank, world, port, out_dir):
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model, data = _wide_model_and_data(input_rank=48)
+        shard = [(x[rank::world], y[rank::world]) for x, y in data]
+        lap = Laplace(model, "classification", prior_precision=0.7, factor_rank=6).fit(shard)
+        got = {"lml": lap.log_marginal_likelihood(), "H": lap.curvature_dense(), "n": lap.n_data}
+        torch.save(got, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sketched_factors_data_parallel_equal_one_process(tmp_path):
+    """The sketch is linear in the data: 2 processes (gloo), each on half of every batch, sum
+    ``Y`` and the trace and hold the single-process posterior."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_sketch_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    model, data = _wide_model_and_data(input_rank=48)
+    ref = Laplace(model, "classification", prior_precision=0.7, factor_rank=6).fit(data)
+    assert ref._kron[0][3].shape == (48, 6)  # sketched
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert got["n"] == ref.n_data == 60
+        torch.testing.assert_close(got["H"], ref.curvature_dense(), rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(got["lml"], ref.log_marginal_likelihood(), rtol=1e-10, atol=0)

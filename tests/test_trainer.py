@@ -457,6 +457,35 @@ def test_restore_best_or_keep_last(tmp_path):
         assert not all(torch.equal(p, b) for p, b in zip(last._params, last._best["params"]))
 
 
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(num_train_epochs=4),  # best update's fit reused
+        dict(num_train_epochs=4, restore_best_marglik=False),  # last update's fit reused
+        dict(num_train_epochs=3, marglik_frequency=2, restore_best_marglik=False),  # refit
+    ],
+)
+def test_final_laplace_equals_a_fresh_fit(tmp_path, kw):
+    """The Laplace approximation left after train() (reused from the update made at the final
+    parameters, or refit when training went on after the last update) equals a new fit there
+    with the final hyperparameters."""
+    from hf_marglik import Laplace
+
+    trainer = _mlp_trainer(tmp_path, dataset=_mlp_data(), **kw)
+    trainer.train()
+    lap = trainer.laplace
+    fresh = Laplace(trainer.model, "classification", prior_precision=lap.prior_precision)
+    fresh.fit(trainer.get_test_dataloader(trainer.train_dataset))
+    assert torch.equal(lap.mean, fresh.mean)
+    assert torch.allclose(
+        lap.log_marginal_likelihood(), fresh.log_marginal_likelihood(), rtol=1e-12
+    )
+    assert float(lap.loss) == pytest.approx(float(fresh.loss), rel=1e-12)
+    expected = trainer._best["prior_precision"] if trainer.args.restore_best_marglik else None
+    if expected is not None:
+        assert torch.equal(lap.prior_precision, expected)
+
+
 def test_regression_subset_and_saved_hyperparameters(tmp_path):
     """marglik_subset fits the curvature on half the data, rescaled to N; the noise is learned
     and logged; save_model writes the hyperparameters as JSON beside the model."""

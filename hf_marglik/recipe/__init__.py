@@ -4,7 +4,8 @@ text dataset, by plain ``transformers.Trainer`` or by :class:`~hf_marglik.traine
 Modules, one job each: ``arguments`` (config dataclasses), ``config`` (YAML + command line),
 ``data`` (load and split texts), ``encode`` (tokenise, pad), ``models`` (load, LoRA),
 ``answer_token`` (answer-token classification with a causal LM), ``metrics`` (accuracy, NLL,
-ECE, Brier), ``plotting``, ``report`` (outputs, summary), ``run`` (the run itself).
+ECE, Brier), ``plotting``, ``report`` (outputs, summary), ``resume`` (resume, SIGTERM), ``run``
+(the run itself).
 """
 
 from .arguments import DataArguments, LoraArguments, ModelArguments

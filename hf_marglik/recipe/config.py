@@ -3,7 +3,8 @@
 Precedence, lowest first: the dataclass defaults, :data:`RECIPE_DEFAULTS` (the embedded default
 run, identical to ``configs/default.yaml``), the YAML file given by ``--config``, command-line
 flags. Every YAML key must name a flag; an unknown key is a :class:`RecipeError` that names the
-nearest valid key.
+nearest valid key. Every YAML value must have the flag's type (:func:`check_yaml_types`), and a
+flag value that does not convert is a :class:`RecipeError` too, not argparse's usage dump.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,7 @@ from .errors import RecipeError, nearest
 # The embedded default run: MiniLM + LoRA r=8 (query, value) + 5-way head on the BBC News split.
 # Values that differ from the dataclass defaults of TrainingArguments / MargLikTrainingArguments.
 RECIPE_DEFAULTS: dict[str, Any] = {
-    "learning_rate": 1e-3,
+    "learning_rate": 3e-3,
     "num_train_epochs": 5,
     "per_device_train_batch_size": 16,
     "per_device_eval_batch_size": 32,
@@ -84,6 +86,7 @@ def make_parser():
 
     parser = HfArgumentParser(
         (ModelArguments, DataArguments, LoraArguments, MargLikTrainingArguments),
+        exit_on_error=False,  # a bad flag value is a RecipeError (one line), not a usage dump
         prog="train.py",
         description=(
             "Fine-tune a pretrained model with LoRA, by plain weight decay (default) or by "
@@ -133,18 +136,111 @@ def load_yaml(path: str | os.PathLike, keys: list[str]) -> dict[str, Any]:
     return data
 
 
+def _type_hints() -> dict[str, Any]:
+    from ..training_args import MargLikTrainingArguments
+
+    hints: dict[str, Any] = {}
+    for cls in (ModelArguments, DataArguments, LoraArguments, MargLikTrainingArguments):
+        hints.update(typing.get_type_hints(cls))
+    return hints
+
+
+def _admits(hint: Any, kind: type) -> bool:
+    """Whether the annotation ``hint`` admits values of ``kind`` (``NoneType``, list, dict)."""
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, _UnionType) else ()
+    return any((typing.get_origin(h) or h) is kind for h in (options or (hint,)))
+
+
+_UnionType = type(int | None)
+
+
+def _is_bool_flag(action) -> bool:
+    return getattr(action.type, "__name__", "") in ("string_to_bool", "_str2bool")
+
+
+def _expected(action) -> str:
+    if action.choices is not None:
+        return "one of " + ", ".join(repr(getattr(c, "value", c)) for c in action.choices)
+    if _is_bool_flag(action):
+        return "true or false"
+    return {int: "an integer", float: "a number", str: "a string"}.get(action.type, "a string")
+
+
+def _convert(action, value: Any) -> Any:
+    """``value`` as the flag's own conversion gives it; ``TypeError``/``ValueError`` if wrong."""
+    t = action.type
+    if _is_bool_flag(action):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            return t(value)
+        raise TypeError(value)
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise TypeError(value)
+    if t is int and isinstance(value, float):
+        raise TypeError(value)
+    if t in (int, float, str):
+        value = t(value)
+    elif t is not None and isinstance(value, str):  # choices, enums: the flag's own conversion
+        value = t(value)
+    if action.choices is not None and value not in action.choices:
+        raise ValueError(value)
+    return value
+
+
+def check_yaml_types(data: dict[str, Any], parser, path: str) -> dict[str, Any]:
+    """The YAML values converted as the same command-line flags would be, or a
+    :class:`RecipeError` naming the key, the value and the type the key takes (a list for
+    list-valued flags; null only where the field may be None)."""
+    actions = {a.dest: a for a in parser._actions if a.nargs != 0}  # not the --no_x twins
+    hints = _type_hints()
+    out = {}
+    for key, value in data.items():
+        action, hint = actions[key], hints.get(key)
+        many = action.nargs in ("+", "*")
+        expected = _expected(action)
+        if many:
+            expected = "a list of " + {"a string": "strings"}.get(expected, expected)
+        shown = "null" if value is None else repr(value)
+        problem = f"Config file {path!r}: {key}: {shown} is not valid; {key} takes {expected}"
+        if value is None:
+            if hint is not None and not _admits(hint, type(None)):
+                raise RecipeError(f"{problem} (it cannot be null).")
+            out[key] = None
+            continue
+        try:
+            if many:
+                if not isinstance(value, list):
+                    raise TypeError(value)
+                out[key] = [_convert(action, v) for v in value]
+            elif isinstance(value, list | dict):
+                if hint is None or not _admits(hint, type(value)):
+                    raise TypeError(value)
+                out[key] = value
+            else:
+                out[key] = _convert(action, value)
+        except (TypeError, ValueError, argparse.ArgumentTypeError):
+            example = " (a YAML list: [a, b])" if many and not isinstance(value, list) else ""
+            raise RecipeError(f"{problem}{example}.") from None
+    return out
+
+
 def parse_args(argv: list[str] | None = None) -> RunConfig:
     """Parse ``argv`` (default ``sys.argv[1:]``) with the YAML defaults into a :class:`RunConfig`."""
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(add_help=False, exit_on_error=False)
     pre.add_argument("--config", default=None)
     pre.add_argument("--marglik", type=_str2bool, nargs="?", const=True, default=None)
     pre.add_argument("--output_dir", default=None)
-    known, _ = pre.parse_known_args(argv)
+    try:
+        known, _ = pre.parse_known_args(argv)
+    except argparse.ArgumentError as e:
+        raise RecipeError(str(e)) from None
 
     parser = make_parser()
     cfg: dict[str, Any] = {}
     if known.config is not None:
         cfg = load_yaml(known.config, valid_keys(parser))
+        cfg = check_yaml_types(cfg, parser, known.config)
         parser.set_defaults(**cfg)
     marglik = known.marglik if known.marglik is not None else bool(cfg.get("marglik", False))
     if known.output_dir is None and cfg.get("output_dir") is None:
@@ -153,7 +249,10 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
             output_dir=str(Path("outputs") / (stem + ("-marglik" if marglik else "")))
         )
 
-    namespace, remaining = parser.parse_known_args(argv)
+    try:
+        namespace, remaining = parser.parse_known_args(argv)
+    except argparse.ArgumentError as e:  # a flag's value has the wrong type
+        raise RecipeError(f"{e}. See --help.") from None
     if remaining:
         flags = [a for a in remaining if a.startswith("--")] or remaining
         options = [s for a in parser._actions for s in a.option_strings]

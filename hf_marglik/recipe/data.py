@@ -99,6 +99,7 @@ def _load_external(args: DataArguments):
             for path in files.values():
                 if not Path(path).is_file():
                     raise RecipeError(f"Data file {path!r} does not exist.")
+                _check_has_rows(Path(path))
             suffix = Path(args.train_file).suffix.lower()
             builder = {".csv": "csv", ".json": "json", ".jsonl": "json"}.get(suffix)
             if builder is None:
@@ -111,6 +112,8 @@ def _load_external(args: DataArguments):
     except RecipeError:
         raise
     except Exception as e:  # datasets raises many types (FileNotFound, ConnectionError, ...)
+        if args.train_file is not None:
+            raise RecipeError(f"Could not read the data files ({type(e).__name__}: {e}).") from None
         raise RecipeError(
             f"Could not load the dataset ({type(e).__name__}: {e}). Hub datasets need a network "
             "and HF_HUB_OFFLINE=0."
@@ -118,6 +121,19 @@ def _load_external(args: DataArguments):
     if not isinstance(ds, DatasetDict):
         ds = DatasetDict({"train": ds})
     return ds
+
+
+def _check_has_rows(path: Path) -> None:
+    """An empty data file (a CSV with only its header, an empty JSON list) is an error."""
+    text = path.read_text(errors="replace").strip()
+    lines = [line for line in text.splitlines() if line.strip()]
+    empty = not text or text in ("[]", "{}")
+    if path.suffix.lower() == ".csv" and len(lines) < 2:
+        empty = True
+    if empty:
+        raise RecipeError(
+            f"Data file {str(path)!r} has no examples (it is empty or a header only)."
+        )
 
 
 def _take(ds, start: int, n: int | None):
@@ -233,6 +249,11 @@ def check_label_range(data: TextData, num_labels: int) -> None:
         if "label" not in ds.column_names or not len(ds):
             continue
         labels = ds["label"]
+        if all(v == -100 for v in labels):
+            raise RecipeError(
+                f"Every label of the {name} split is -100, the index the loss ignores: there is "
+                "nothing to train or evaluate on. Check --label_column and the data."
+            )
         lo, hi = min(labels), max(labels)
         if lo < 0 or hi >= num_labels:
             raise RecipeError(

@@ -15,6 +15,11 @@ class RecipeError(ValueError):
     """A bad input to the training recipe, found before training starts."""
 
 
+class TrainingInterrupted(Exception):
+    """Training stopped on SIGTERM after writing a checkpoint; ``scripts/train.py`` prints the
+    message and exits with :data:`hf_marglik.preemption.SIGTERM_EXIT_CODE` (143)."""
+
+
 def nearest(name: str, choices: Iterable[str]) -> str:
     """A " Did you mean ...?" hint: up to three of ``choices`` close to ``name`` (or "")."""
     matches = [repr(m) for m in difflib.get_close_matches(name, list(choices), n=3, cutoff=0.6)]

@@ -17,7 +17,7 @@ from torch import nn
 
 from .answer_token import AnswerTokenClassifier
 from .arguments import BUNDLED_MINILM, BUNDLED_SMOLLM2, LoraArguments, ModelArguments
-from .errors import RecipeError
+from .errors import RecipeError, nearest
 
 TINY = {
     "hidden_size": 64,
@@ -144,6 +144,14 @@ def _add_lora(model: nn.Module, args: ModelArguments, lora: LoraArguments) -> nn
     from peft import LoraConfig, TaskType, get_peft_model
 
     task_type = TaskType.SEQ_CLS if args.task == "sequence_classification" else TaskType.CAUSAL_LM
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if n}
+    for name in lora.lora_modules_to_save or []:  # peft skips a name that matches nothing
+        if name not in names:
+            top = sorted(n for n, _ in model.named_children())
+            raise RecipeError(
+                f"lora_modules_to_save: the model has no module {name!r}, so it would stay "
+                f"frozen.{nearest(name, names)} Modules at the top level: {', '.join(top)}."
+            )
     config = LoraConfig(
         r=lora.lora_r,
         lora_alpha=lora.lora_alpha,

@@ -1,4 +1,5 @@
-"""What a run leaves in ``output_dir``: adapter, hyperparameters, metrics.json, plot, summary."""
+"""What a run leaves in ``output_dir``: adapter, hyperparameters, posterior, metrics.json, plot,
+summary."""
 
 from __future__ import annotations
 
@@ -10,11 +11,15 @@ from .plotting import plot_training
 
 METRICS_NAME = "metrics.json"
 PLOT_NAME = "training.png"
+POSTERIOR_NAME = "laplace_posterior.pt"
+"""The fitted posterior of a ``--marglik`` run (:meth:`hf_marglik.Laplace.save`); it loads with
+:meth:`hf_marglik.Laplace.load` over the model with the adapter, without the training data."""
 
 
 def save_outputs(trainer, model, results: dict, output_dir: str | Path) -> dict[str, str]:
-    """Write the adapter (peft ``save_pretrained``), the learned hyperparameters (marglik runs),
-    ``metrics.json`` and the training plot; return their paths."""
+    """Write the adapter (peft ``save_pretrained``), the learned hyperparameters and the fitted
+    posterior (marglik runs), the training plot and ``metrics.json`` (with ``files`` and the
+    ``summary``, which are set here); return the files' paths."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_adapter(model, out)
@@ -26,6 +31,9 @@ def save_outputs(trainer, model, results: dict, output_dir: str | Path) -> dict[
         path = out / HYPERPARAMETERS_NAME
         path.write_text(json.dumps(trainer.hyperparameters(), indent=2))
         files["hyperparameters"] = str(path)
+        if trainer.laplace is not None:  # the final fit, at the saved adapter's parameters
+            trainer.laplace.save(out / POSTERIOR_NAME)
+            files["posterior"] = str(out / POSTERIOR_NAME)
     title = f"{results['model']} · {results['task']} · {results['mode']}"
     plot = plot_training(
         trainer.state.log_history,
@@ -36,6 +44,7 @@ def save_outputs(trainer, model, results: dict, output_dir: str | Path) -> dict[
     files["plot"] = str(plot)
     files["metrics"] = str(out / METRICS_NAME)
     results["files"] = files
+    results["summary"] = summary(results)
     (out / METRICS_NAME).write_text(json.dumps(results, indent=2, default=str))
     return files
 
@@ -100,4 +109,11 @@ def summary(results: dict) -> str:
         text += " No marginal-likelihood update fell within training (see n_epochs_burnin)."
     else:
         text += f" Weight decay {results['weight_decay']:g}."
-    return text + f" Outputs in {results['output_dir']}."
+    text += f" Outputs in {results['output_dir']}"
+    posterior = results.get("files", {}).get("posterior")
+    if posterior is not None:
+        text += (
+            f"; the fitted posterior is {Path(posterior).name} (hf_marglik.Laplace.load, with the "
+            "adapter; no training data needed)"
+        )
+    return text + "."

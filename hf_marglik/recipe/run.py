@@ -1,4 +1,5 @@
-"""One training run: check every input, fine-tune, evaluate on the test split, write outputs.
+"""One training run: check every input, fine-tune, evaluate on the test split, write outputs;
+and the way back from a run's outputs to its model and posterior (:func:`load_trained`).
 
 All checks (model path, sequence length, dataset columns, label range, likelihood and backend
 against the task) run before the first training step; each raises a
@@ -7,19 +8,23 @@ against the task) run before the first training step; each raises a
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from .answer_token import answer_token_ids
+from .answer_token import AnswerTokenClassifier, answer_token_ids
 from .arguments import DEFAULT_PROMPTS, TASK_LIKELIHOOD
 from .config import RunConfig
-from .data import check_label_range, load_text_data
+from .data import TextData, check_label_range, load_text_data
 from .encode import PadCollator, encode_splits
 from .errors import RecipeError
 from .metrics import evaluate
-from .models import build_model, check_max_length, load_source
-from .report import marglik_results, save_outputs, summary
+from .models import ModelSource, adapter_model, build_model, check_max_length, load_source
+from .report import POSTERIOR_NAME, marglik_results, save_outputs
+from .resume import train as train_resumable
 
 
 def check_marglik_settings(cfg: RunConfig, vocab_size: int) -> None:
@@ -45,13 +50,16 @@ def _trainer(cfg: RunConfig, model, datasets, collator):
         from ..trainer import MargLikTrainer as cls
     else:
         from transformers import Trainer as cls
-    return cls(
-        model=model,
-        args=cfg.training,
-        train_dataset=datasets["train"],
-        eval_dataset=datasets["validation"],
-        data_collator=collator,
-    )
+    try:  # MargLikTrainer checks the model against the settings (e.g. structure limits)
+        return cls(
+            model=model,
+            args=cfg.training,
+            train_dataset=datasets["train"],
+            eval_dataset=datasets["validation"],
+            data_collator=collator,
+        )
+    except (ValueError, TypeError) as e:
+        raise RecipeError(str(e)) from None
 
 
 def laplace_test_metrics(cfg: RunConfig, trainer, dataset) -> dict | None:
@@ -73,11 +81,20 @@ def laplace_test_metrics(cfg: RunConfig, trainer, dataset) -> dict | None:
     return {k.removeprefix("laplace_"): v for k, v in report.items() if k.startswith("laplace_")}
 
 
-def run(cfg: RunConfig) -> dict:
-    """Train and evaluate as configured; return the results written to ``metrics.json``."""
-    from transformers import set_seed
+@dataclass
+class Prepared:
+    """A run's checked inputs: the model source, the texts, the encoded splits and the head."""
 
-    start = time.time()
+    source: ModelSource
+    data: TextData
+    encoded: dict
+    num_labels: int | None
+    class_ids: list[int] | None
+    collator: PadCollator
+
+
+def prepare(cfg: RunConfig) -> Prepared:
+    """Check every input and encode the splits (no weights are loaded)."""
     m, d = cfg.model, cfg.data
     source = load_source(m)
     check_max_length(source, d.max_seq_length)
@@ -96,12 +113,59 @@ def run(cfg: RunConfig) -> dict:
                 )
             class_ids = answer_token_ids(source.tokenizer, data.class_names, d.answer_prefix)
     encoded = encode_splits(data, source.tokenizer, m.task, d, data.class_names)
+    collator = PadCollator(source.tokenizer.pad_token_id)
+    return Prepared(source, data, encoded, num_labels, class_ids, collator)
+
+
+def load_trained(cfg: RunConfig, prepared: Prepared, output_dir: str | Path):
+    """The model of a finished run of ``cfg`` with its adapter from ``output_dir`` (trainable,
+    as in training), and its posterior (:class:`~hf_marglik.Laplace`, from
+    ``laplace_posterior.pt``; None when the run wrote none). No training data is read.
+
+    The base model is rebuilt as in training (the same seed first, so that a
+    ``tiny_random_model`` base is the same), the adapter loaded with peft
+    ``PeftModel.from_pretrained(..., is_trainable=True)``, and an ``answer_token`` model wrapped
+    in :class:`~hf_marglik.recipe.answer_token.AnswerTokenClassifier` again, so that the
+    trainable parameters carry the names the posterior was saved with.
+    """
+    from peft import PeftModel
+    from transformers import set_seed
+
+    from ..laplace import Laplace
+
+    if not cfg.lora.use_lora:
+        raise RecipeError("load_trained needs a LoRA run (use_lora: true).")
+    out = Path(output_dir)
+    set_seed(cfg.training.seed)
+    base = build_model(
+        cfg.model,
+        dataclasses.replace(cfg.lora, use_lora=False),
+        prepared.source,
+        prepared.num_labels,
+        prepared.class_ids,
+    )
+    model = PeftModel.from_pretrained(adapter_model(base), str(out), is_trainable=True)
+    if cfg.model.task == "answer_token":
+        model = AnswerTokenClassifier(model, prepared.class_ids)
+    model.eval()
+    posterior = out / POSTERIOR_NAME
+    return model, Laplace.load(posterior, model) if posterior.is_file() else None
+
+
+def run(cfg: RunConfig) -> dict:
+    """Train and evaluate as configured; return the results written to ``metrics.json``."""
+    from transformers import set_seed
+
+    start = time.time()
+    m, d = cfg.model, cfg.data
+    prep = prepare(cfg)
+    data, encoded = prep.data, prep.encoded
 
     set_seed(cfg.training.seed)
-    model = build_model(m, cfg.lora, source, num_labels, class_ids)
-    trainer = _trainer(cfg, model, encoded, PadCollator(source.tokenizer.pad_token_id))
+    model = build_model(m, cfg.lora, prep.source, prep.num_labels, prep.class_ids)
+    trainer = _trainer(cfg, model, encoded, prep.collator)
     train_start = time.time()
-    trainer.train()
+    train_resumable(trainer)  # resume_from_checkpoint; SIGTERM: checkpoint, then stop
     train_time = time.time() - train_start
 
     loader = trainer.get_test_dataloader(encoded["test"])
@@ -133,7 +197,6 @@ def run(cfg: RunConfig) -> dict:
         "log_history": trainer.state.log_history,
     }
     results["total_runtime_s"] = time.time() - start
-    results["summary"] = summary(results)
     save_outputs(trainer, model, results, cfg.training.output_dir)
     print("\n" + results["summary"])
     return results
