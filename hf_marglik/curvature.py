@@ -335,6 +335,11 @@ class Curvature:
         """Per trainable tensor (parameter order) ``(λ_B, Q_B, λ_A, Q_A)`` of the factors
         ``B = scale · Σ g gᵀ`` and ``A = mean a aᵀ`` (``λ_A, Q_A`` None for a bias), and the
         number of negative eigenvalues (rounding) clipped to 0."""
+        sides = [_side(f) for f in [*self.A.values(), *self.B.values()]]
+        with _one_thread(self.device.type == "cpu" and max(sides, default=0) <= ONE_THREAD_EIGH):
+            return self._kron_eigs(scale)
+
+    def _kron_eigs(self, scale: float) -> tuple[list[tuple], int]:
         out: list[tuple | None] = [None] * len(self.sizes)
         clipped = 0
         eigs_of_A: dict[int, tuple] = {}  # shared input factors are decomposed once
@@ -351,6 +356,29 @@ class Curvature:
             if s.bias_index is not None:
                 out[s.bias_index] = (lb, qb, None, None)
         return out, clipped
+
+
+ONE_THREAD_EIGH = 1024
+"""CPU factors up to this side are decomposed with one thread: threads gain nothing there, and
+on a loaded machine two OpenMP threads stall (``torch.linalg.eigh`` of a 384 × 384 factor took
+a median 4 s with 2 threads against 8 ms with 1 at load average 3; BENCHMARKS.md, quick run)."""
+
+
+def _side(factor) -> int:
+    M = getattr(factor, "M", None)
+    return int(M.shape[0]) if M is not None else int(factor.d)
+
+
+@contextlib.contextmanager
+def _one_thread(active: bool):
+    threads = torch.get_num_threads()
+    if active and threads > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
 
 
 def _unique(objects) -> list:

@@ -7,12 +7,31 @@ kept, ``p`` oversampling) and ``tr M``; ``Y`` and the trace are linear in the da
 and processes, simply add. At the end the Nyström approximation ``M ≈ Y (ΩᵀY)⁻¹ Yᵀ`` gives the
 leading ``k`` eigenpairs (the numerically stable form of Tropp, Yurtsever, Udell & Cevher,
 "Fixed-rank approximation of a positive-semidefinite matrix from streaming data", NeurIPS 2017,
-Alg. 3), and the remaining ``d − k`` eigenvalues are replaced by their mean
-``(tr M − Σ λ_top) / (d − k)``: an isotropic remainder that preserves the trace, as
-:meth:`hf_marglik.Laplace.compress` does for dense factors.
+Alg. 3).
+
+The other ``d − k`` eigenvalues (the *tail*) are described by two moments: ``tr M`` (kept
+exactly) and ``tr M²``, estimated without bias from the same sketch as ``(d/s)·‖Y‖_F²``
+(``Ω`` is Haar-distributed with ``s = k + p`` columns, so ``E[ΩΩᵀ] = (s/d)·I``). The tail is a
+*plateau*: ``m = S₁/c`` eigenvalues equal to ``c = S₂/S₁`` and zeros after (the last one
+fractional), ``S₁, S₂`` the tail's sum and sum of squares; ``c`` is kept between the tail's mean
+(isotropic, when the estimate says the tail is flat) and the smallest kept eigenvalue. Where the
+tail would need eigenvalues above the kept ones (``S₂ > S₁·λ_k``: single-pass Nyström
+underestimates the leading eigenvalues of a flat spectrum), the leading eigenvalues are scaled
+by ``α ≥ 1`` and the plateau sits at ``α·λ_k``, ``α`` and ``m`` solving both moments.
+
+Uses. The tail's eigenvectors are not known, so the tail's eigenvalues are a multiset with no
+directions: the marginal likelihood sums ``log(f·λ_B λ_A + δ)`` over the full list (``log det``
+is the same for every rotation of the tail, so this is exact for every matrix the description
+allows), while covariance products (samples, GLM predictive, ``kron_factors``) use the tail as
+the isotropic matrix ``mean(tail)·(I − QQᵀ)``: the average of those matrices over rotations,
+with the same trace. The isotropic remainder of earlier versions overstated ``log det``
+(Jensen: the tail's mass spread over all ``d − k`` directions); see BENCHMARKS.md
+("7B-shaped memory: reading and error analysis").
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.distributed as dist
@@ -70,7 +89,8 @@ class SketchedFactor:
 
     def eig(self, scale: float) -> tuple[Tensor, Tensor, int]:
         """``λ`` of length ``d``: the ``rank`` leading eigenvalues of ``scale · M`` (descending)
-        then the isotropic remainder repeated; ``Q``: the ``rank`` leading eigenvectors."""
+        then the tail's eigenvalues (:func:`plateau_tail`, descending); ``Q``: the ``rank``
+        leading eigenvectors."""
         Y, omega = self.Y.double() * scale, self.omega.double()
         nu = torch.finfo(torch.float64).eps * max(float(torch.linalg.norm(Y)), 1e-300)
         Y_nu = Y + nu * omega
@@ -79,11 +99,49 @@ class SketchedFactor:
         U, S, _ = torch.linalg.svd(Bm, full_matrices=False)
         lam = (S**2 - nu).clamp_min(0.0)[: self.rank]
         Q = U[:, : self.rank]
-        rest = ((self.trace.double() * scale - lam.sum()) / (self.d - self.rank)).clamp_min(0.0)
-        # the remainder cannot exceed the smallest kept eigenvalue of a PSD matrix
-        rest = torch.minimum(rest, lam[-1]) if lam.numel() else rest
-        full = torch.cat([lam, rest.expand(self.d - self.rank)])
+        trace = float(self.trace.double()) * scale
+        # tr M² without bias: Ω is Haar with s orthonormal columns, E[ΩΩᵀ] = (s/d)·I
+        trace_sq = self.d / omega.shape[1] * float((Y * Y).sum())
+        top, tail = plateau_tail(lam, self.d, trace, trace_sq)
+        full = torch.cat([top, tail])
         return full.to(self.Y.dtype), Q.to(self.Y.dtype).contiguous(), 0
+
+
+def plateau_tail(lam: Tensor, d: int, trace: float, trace_sq: float) -> tuple[Tensor, Tensor]:
+    """The leading eigenvalues ``lam`` (descending; scaled by ``α ≥ 1`` when needed) and the
+    ``d − k`` tail eigenvalues of a PSD matrix with ``tr = trace`` (kept exactly) and
+    ``tr² = trace_sq`` (matched where the constraints allow): see the module docstring."""
+    k, n = lam.numel(), d - lam.numel()
+    zeros = lam.new_zeros(n)
+    if n == 0:
+        return lam, zeros
+    s1, s2 = float(lam.sum()), float((lam * lam).sum())
+    low = float(lam[-1]) if k else math.inf  # the tail cannot exceed the kept eigenvalues
+    S1 = max(trace - s1, 0.0)
+    if S1 <= 1e-12 * max(trace, 1e-300) or low <= 0.0:
+        # (numerically) nothing left, or the sketch saw a rank-deficient M: isotropic remainder
+        return lam, zeros + min(S1 / n, low)
+    S2 = trace_sq - s2
+    alpha, c = 1.0, min(max(S2 / S1, S1 / n), low)
+    if S2 > S1 * low and k:
+        # a plateau at λ_k cannot carry the tail's second moment: scale the leading eigenvalues
+        # by α and put the plateau at α·λ_k, m long, so that α·s1 + m·α·λ_k = tr and
+        # α²·s2 + m·α²·λ_k² = tr²  (a quadratic in m)
+        r = trace_sq / trace**2
+        qa, qb, qc = r * low * low, 2 * r * s1 * low - low * low, r * s1 * s1 - s2
+        disc = qb * qb - 4 * qa * qc
+        m = (-qb + math.sqrt(disc)) / (2 * qa) if disc >= 0 else 0.0
+        m = min(max(m, 0.0), S1 / low, float(n))  # α ≥ 1: the sketch only underestimates
+        alpha = trace / (s1 + m * low)
+        c = alpha * low
+        S1 = trace - alpha * s1
+    m = min(S1 / c, float(n))
+    whole = int(m)
+    tail = zeros.clone()
+    tail[:whole] = c
+    if whole < n:
+        tail[whole] = S1 - whole * c  # the fractional last one: the sum is kept exactly
+    return lam * alpha, tail
 
 
 def new_factor(d: int, rank: int | None, seed: int, dtype, device) -> DenseFactor | SketchedFactor:

@@ -67,11 +67,12 @@ def _truncate(lam: Tensor, Q: Tensor, rank: int) -> tuple[Tensor, Tensor]:
 
 
 def _factor_dense(lam: Tensor, Q: Tensor) -> Tensor:
-    """The dense factor from its (possibly compressed) eigendecomposition."""
+    """The dense factor from its (possibly compressed) eigendecomposition: eigenvalues without
+    stored eigenvectors act as their mean on the complement of ``Q`` (see ``_half_kron``)."""
     k = Q.shape[1]
     M = Q @ torch.diag(lam[:k]) @ Q.T
     if k < lam.numel():
-        M = M + lam[k] * (torch.eye(Q.shape[0], dtype=Q.dtype, device=Q.device) - Q @ Q.T)
+        M = M + lam[k:].mean() * (torch.eye(Q.shape[0], dtype=Q.dtype, device=Q.device) - Q @ Q.T)
     return M
 
 
@@ -99,7 +100,7 @@ class Laplace:
         seed: seed of the Monte-Carlo targets (a fit is then reproducible).
         factor_rank: memory-bounded K-FAC: a factor wider than ``2·factor_rank + 10`` is
             accumulated as a streaming Nyström sketch and kept as its ``factor_rank`` leading
-            eigenpairs plus an isotropic remainder (:mod:`hf_marglik.factors`); memory per
+            eigenpairs plus a two-moment tail (:mod:`hf_marglik.factors`); memory per
             factor ``d·(factor_rank + 10)`` instead of ``d²``. None (default): dense factors.
     """
 

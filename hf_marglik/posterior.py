@@ -56,28 +56,32 @@ def _half_kron(lb, qb, la, qa, f, d, X: Tensor) -> Tensor:
     for a bias or ``(m, d_out, d_in)`` for a weight.
 
     A factor may hold only its leading eigenvectors (``q`` with fewer columns than ``l`` has
-    entries): the remaining eigenvalues are all equal (``l[k:]``, an isotropic remainder), so the
+    entries): the remaining eigenvalues ``l[k:]`` have no stored directions and act as the
+    isotropic remainder ``mean(l[k:])`` (equal to them after :meth:`Laplace.compress`; for a
+    sketched factor the rotation average of its tail, see :mod:`hf_marglik.factors`), so the
     orthogonal complement of ``q`` is an eigenspace and is handled by projection.
     """
     kb = qb.shape[1]
+    rb = lb[kb:].mean() if kb < lb.numel() else None
     if la is None:
         c = X @ qb
         out = (c * torch.rsqrt(f * lb[:kb] + d)) @ qb.T
         if kb < lb.numel():
-            out = out + torch.rsqrt(f * lb[kb] + d) * (X - c @ qb.T)
+            out = out + torch.rsqrt(f * rb + d) * (X - c @ qb.T)
         return out
     ka = qa.shape[1]
+    ra = la[ka:].mean() if ka < la.numel() else None
     Xa = X @ qa  # (m, d_out, ka)
     top = qb.T @ Xa  # (m, kb, ka)
     out = qb @ (top * torch.rsqrt(f * torch.outer(lb[:kb], la[:ka]) + d)) @ qa.T
     rem_a, rem_b = ka < la.numel(), kb < lb.numel()
     if rem_a:
         Xr = X - Xa @ qa.T
-        out = out + qb @ ((qb.T @ Xr) * torch.rsqrt(f * lb[:kb] * la[ka] + d)[:, None])
+        out = out + qb @ ((qb.T @ Xr) * torch.rsqrt(f * lb[:kb] * ra + d)[:, None])
     if rem_b:
-        out = out + ((Xa - qb @ top) * torch.rsqrt(f * lb[kb] * la[:ka] + d)) @ qa.T
+        out = out + ((Xa - qb @ top) * torch.rsqrt(f * rb * la[:ka] + d)) @ qa.T
     if rem_a and rem_b:
-        out = out + torch.rsqrt(f * lb[kb] * la[ka] + d) * (Xr - qb @ (qb.T @ Xr))
+        out = out + torch.rsqrt(f * rb * ra + d) * (Xr - qb @ (qb.T @ Xr))
     return out
 
 

@@ -47,7 +47,7 @@ class MargLikTrainingArguments(TrainingArguments):
             estimates made on the same subset.
         factor_rank: memory-bounded K-FAC for wide layers (large models): factors wider than
             ``2·factor_rank + 10`` are kept as a streaming sketch, their ``factor_rank`` leading
-            eigenpairs and an isotropic remainder. None (default): dense factors.
+            eigenpairs and a two-moment tail (see hf_marglik/factors.py). None (default): dense.
         enable_backprop: laplace-torch's flag; accepted for compatibility, ``True`` is refused.
 
     Prior and hyperparameter optimisation:
@@ -169,7 +169,7 @@ class MargLikTrainingArguments(TrainingArguments):
         default=None,
         metadata={
             "help": "Memory-bounded K-FAC: keep factors wider than 2*factor_rank+10 as their "
-            "factor_rank leading eigenpairs plus an isotropic remainder (streaming sketch); "
+            "factor_rank leading eigenpairs plus a two-moment tail (streaming sketch); "
             "None keeps dense factors."
         },
     )

@@ -53,6 +53,13 @@ Usage::
 
     python scripts/bench_memory.py                 # print the table
     python scripts/bench_memory.py --write-md      # also (re)write BENCHMARKS.md's section
+    python scripts/bench_memory.py --replay dense.pt   # accuracy only, from saved dense factors
+
+``--replay PATH`` skips the fits: PATH is a ``torch.save`` of a dense fit's ``{"names":
+param_names, "factors": kron_factors(), "kron": _kron, "loss", "mean", "n_data"}``, and each
+sketch is applied to the dense ``M`` with the seed the fit would use (``Y = MΩ`` is linear in
+the data, so this equals streaming up to float rounding). It prints the accuracy columns of
+the table (memory columns as above; no fit time or RSS).
 """
 
 from __future__ import annotations
@@ -102,6 +109,12 @@ def make_parser() -> argparse.ArgumentParser:
         help=f"write the '{SECTION}' section of --md (other sections are kept)",
     )
     p.add_argument("--md", type=Path, default=ROOT / "BENCHMARKS.md", help="markdown file")
+    p.add_argument(
+        "--replay",
+        type=Path,
+        default=None,
+        help="saved dense factors: replay the sketches on them instead of fitting (no --write-md)",
+    )
     return p
 
 
@@ -301,6 +314,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
+    if args.replay is not None:
+        if args.write_md:
+            raise SystemExit("--replay prints its table; --write-md is for measured fits.")
+        return replay(args)
     t_start = time.time()
     load_before = load_average()
     batches, vocab = text_batches(args)
@@ -392,7 +409,124 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def render(rows: list[dict], args) -> str:
+# ------------------------------------------------------------------------------ replay
+def _stub_model(names: list[str], shapes: list[tuple[int, int]]):
+    """Bias-free ``nn.Linear`` modules at the saved parameter names (no forward pass needed)."""
+    from torch import nn
+
+    root = nn.Module()
+    for name, (d_out, d_in) in zip(names, shapes):
+        *path, leaf, _ = name.split(".")
+        m = root
+        for part in path:
+            if not hasattr(m, part):
+                m.add_module(part, nn.Module())
+            m = getattr(m, part)
+        m.add_module(leaf, nn.Linear(d_in, d_out, bias=False))
+    return root
+
+
+def _replayed_lap(saved: dict, rank: int | None):
+    """A fitted ``Laplace`` over a stub model whose K-FAC state is the saved dense one
+    (``rank`` None) or the sketches of the saved dense factors at ``factor_rank=rank``."""
+    import torch
+
+    from hf_marglik import Laplace
+    from hf_marglik.factors import DenseFactor, new_factor
+
+    kron = saved["kron"]
+    shapes = [(lb.numel(), la.numel()) for lb, _, la, _ in kron]
+    lap = Laplace(_stub_model(saved["names"], shapes), "causal_lm", backend="ggn-mc")
+    blocks, done = [], {}
+
+    def factor(lam, Q, M, seed):
+        if rank is None:
+            return lam, Q
+        if id(Q) not in done:  # a shared factor is sketched once (the seed of its first use)
+            f = new_factor(Q.shape[0], rank, seed, torch.float32, torch.device("cpu"))
+            if isinstance(f, DenseFactor):
+                done[id(Q)] = (lam, Q)
+            else:
+                f.Y.copy_(M.float() @ f.omega)
+                f.trace.fill_(float(torch.trace(M.double())))
+                done[id(Q)] = f.eig(1.0)[:2]
+        return done[id(Q)]
+
+    for i, ((lb, qb, la, qa), (B, A)) in enumerate(zip(kron, saved["factors"])):
+        # the seeds of Curvature._factor: 7919 + 2·site (input factor), + 2·site + 1 (output)
+        blocks.append((*factor(lb, qb, B, 7919 + 2 * i + 1), *factor(la, qa, A, 7919 + 2 * i)))
+    lap.load_state_dict(
+        {
+            "likelihood": "causal_lm",
+            "hessian_structure": "kron",
+            "backend": "ggn-mc",
+            "kfac_approx": lap.kfac_approx.value,
+            "param_names": list(saved["names"]),
+            "prior_precision": torch.ones(1),
+            "sigma_noise": torch.ones(()),
+            "temperature": 1.0,
+            "n_data": saved["n_data"],
+            "n_outputs": None,
+            "loss": saved["loss"],
+            "mean": saved["mean"],
+            "kron": blocks,
+        }
+    )
+    return lap
+
+
+def replay(args) -> int:
+    import torch
+
+    saved = torch.load(args.replay, map_location="cpu", weights_only=False)
+    n_layers = len({_layer(n) for n in saved["names"]} - {None})
+    dense = _replayed_lap(saved, None)
+    delta_star = best_scalar_prior(dense)
+    deltas = [delta_star / 10, delta_star, delta_star * 10]
+    ref = {d: float(dense.log_marginal_likelihood(torch.tensor([d]))) for d in deltas}
+    ref_occam = {d: occam(dense, d) for d in deltas}
+    rows = []
+    for rank in [None, *args.ranks]:
+        lap = dense if rank is None else _replayed_lap(saved, rank)
+        st = state_bytes(lap)
+        layers = [v for k, v in st["per_layer"].items() if k is not None]
+        per_layer = sum(layers) / len(layers)
+        acc_per_layer = accumulator_bytes(st["sides"], rank) / n_layers
+        rel, rel_occ = [], []
+        for d in deltas:
+            v = float(lap.log_marginal_likelihood(torch.tensor([d])))
+            rel.append((v - ref[d]) / abs(ref[d]))
+            rel_occ.append((occam(lap, d) - ref_occam[d]) / abs(ref_occam[d]))
+        own = best_scalar_prior(lap) if rank is not None else delta_star
+        rows.append(
+            {
+                "rank": "dense" if rank is None else str(rank),
+                "per_layer_mib": per_layer / MIB,
+                "total_gib": (per_layer * args.target_layers + st["per_layer"].get(None, 0)) / GIB,
+                "unshared_gb": (st["unshared"] / n_layers) * args.target_layers / 1e9,
+                "acc_per_layer_mib": acc_per_layer / MIB,
+                "acc_total_gib": acc_per_layer * args.target_layers / GIB,
+                "rel": rel,
+                "rel_occam": rel_occ,
+                "delta_ratio": own / delta_star,
+                "seconds": float("nan"),
+                "peak_mb": float("nan"),
+                "delta_rss_mb": float("nan"),
+            }
+        )
+        print(f"factor_rank={rank}: done", flush=True)
+    print()
+    print(render(rows, args, signed=True))
+    print(
+        f"- δ* = {delta_star:.4g}, dense log marginal likelihood {ref[delta_star]:.1f}, Occam "
+        f"term {ref_occam[delta_star]:.1f}; signed relative errors (sketched − dense)/|dense| "
+        "at δ*/10, δ*, 10·δ*; replayed from "
+        f"{args.replay} (no fit: times and RSS n/a)."
+    )
+    return 0
+
+
+def render(rows: list[dict], args, signed: bool = False) -> str:
     b = args.budget_gib
     head = (
         "| factor_rank | state per layer | state, "
@@ -401,16 +535,21 @@ def render(rows: list[dict], args) -> str:
         "| fit time | peak RSS (increase) |"
     )
     lines = [head, "|" + "---|" * 10]
+    fmt = "+.2e" if signed else ".2e"
     for r in rows:
         ok = "≤" if r["total_gib"] <= b else ">"
         lines.append(
             f"| {r['rank']} | {r['per_layer_mib']:.1f} MiB | **{r['total_gib']:.3f} GiB** "
             f"({ok} {b:g}) | {r['unshared_gb']:.2f} GB | {r['acc_total_gib']:.3f} GiB | "
-            + ", ".join(f"{x:.2e}" for x in r["rel"])
+            + ", ".join(f"{x:{fmt}}" for x in r["rel"])
             + " | "
-            + ", ".join(f"{x:.2e}" for x in r["rel_occam"])
-            + f" | {r['delta_ratio']:.3f} | {r['seconds']:.0f} s | {r['peak_mb']:.0f} MB "
-            f"(+{r['delta_rss_mb']:.0f}) |"
+            + ", ".join(f"{x:{fmt}}" for x in r["rel_occam"])
+            + f" | {r['delta_ratio']:.3f} | "
+            + (
+                "n/a | n/a |"
+                if math.isnan(r["seconds"])
+                else f"{r['seconds']:.0f} s | {r['peak_mb']:.0f} MB (+{r['delta_rss_mb']:.0f}) |"
+            )
         )
     return "\n".join(lines)
 

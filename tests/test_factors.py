@@ -4,7 +4,13 @@ import torch
 from torch import nn
 
 from hf_marglik import Laplace
-from hf_marglik.factors import OVERSAMPLE, DenseFactor, SketchedFactor, new_factor
+from hf_marglik.factors import (
+    OVERSAMPLE,
+    DenseFactor,
+    SketchedFactor,
+    new_factor,
+    plateau_tail,
+)
 
 F64 = torch.float64
 
@@ -75,14 +81,70 @@ def test_laplace_with_sketched_factors_is_exact_when_factors_have_low_rank():
 
 
 def test_laplace_with_sketched_factors_uses_them_consistently():
+    """The marginal likelihood sums over the factors' full eigenvalue lists (the tail as a
+    multiset); covariance products use the tail as its mean on the complement of the kept
+    eigenvectors, i.e. exactly the matrix ``curvature_dense()`` returns."""
     model, data = _wide_model_and_data(input_rank=48)
     lap = Laplace(model, "classification", prior_precision=0.7, factor_rank=6).fit(data)
     from hf_marglik.params import per_parameter
+    from hf_marglik.posterior import covariance_dense
 
+    lb, qb, la, qa = lap._kron[0]
+    assert qa.shape == (48, 6) and la.numel() == 48 and la[6:].unique().numel() > 1  # a plateau
+    f = lap._H_factor(lap.sigma_noise)
     P = torch.diag(per_parameter(lap.prior_precision, lap._sizes))
-    H = lap.curvature_dense()
-    ref = -lap.loss - 0.5 * (torch.logdet(H + P) - torch.logdet(P) + lap.mean @ P @ lap.mean)
+    logdet = sum(
+        torch.log(f * (lb_ if la_ is None else torch.outer(lb_, la_).reshape(-1)) + 0.7).sum()
+        for lb_, _, la_, _ in lap._kron
+    )
+    ref = -lap.loss - 0.5 * (logdet - torch.logdet(P) + lap.mean @ P @ lap.mean)
     torch.testing.assert_close(lap.log_marginal_likelihood(), ref, rtol=1e-10, atol=1e-10)
+    # the represented input factor: kept eigenpairs + mean of the tail on the complement
+    A = qa @ torch.diag(la[:6]) @ qa.T + la[6:].mean() * (torch.eye(48, dtype=F64) - qa @ qa.T)
+    torch.testing.assert_close(lap.kron_factors()[0][1], A, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(la.sum(), torch.trace(A), rtol=1e-10, atol=0)
+    # samples and the GLM predictive: the inverse of that curvature plus the prior
+    Sigma = torch.linalg.inv(f * lap.curvature_dense() + P)
+    torch.testing.assert_close(covariance_dense(lap), Sigma, rtol=1e-8, atol=1e-10)
+
+
+def test_plateau_tail_keeps_the_trace_and_matches_the_second_moment():
+    g = torch.Generator().manual_seed(5)
+    d, k = 400, 20
+    # decaying spectrum, exact leading eigenvalues: the tail is a plateau below λ_k, α = 1
+    lam = torch.logspace(0, -2, d, dtype=F64)
+    top, tail = plateau_tail(lam[:k], d, float(lam.sum()), float((lam**2).sum()))
+    torch.testing.assert_close(top, lam[:k], rtol=1e-12, atol=0)
+    assert tail.max() <= lam[k - 1] and (tail[:-1] >= tail[1:]).all()
+    torch.testing.assert_close(tail.sum(), lam[k:].sum(), rtol=1e-12, atol=0)
+    frac = float(tail[tail < tail[0]].max()) if (tail < tail[0]).any() else 0.0
+    sq = float((lam[k:] ** 2).sum())
+    assert sq - frac * float(tail[0]) <= float((tail**2).sum()) <= sq * (1 + 1e-12)
+    # a flat spectrum whose leading eigenvalues were underestimated (as single-pass Nyström
+    # does): they are scaled up by α > 1, and both moments are kept
+    flat = (1 + 0.1 * torch.rand(d // 2, generator=g, dtype=F64)).sort(descending=True).values
+    full = torch.cat([flat, torch.zeros(d - d // 2, dtype=F64)])
+    t1, t2 = float(full.sum()), float((full**2).sum())
+    top, tail = plateau_tail(0.7 * flat[:k], d, t1, t2)
+    assert (top > 0.7 * flat[:k]).all() and tail.max() <= top.min() * (1 + 1e-12)
+    rep = torch.cat([top, tail])
+    torch.testing.assert_close(rep.sum(), torch.tensor(t1, dtype=F64), rtol=1e-12, atol=0)
+    torch.testing.assert_close((rep**2).sum(), torch.tensor(t2, dtype=F64), rtol=2e-3, atol=0)
+
+
+def test_sketch_estimates_the_second_moment_without_bias():
+    """``(d/s)·‖MΩ‖_F²`` over sketches with different seeds averages to ``tr M²``."""
+    X = torch.randn(300, 50, generator=torch.Generator().manual_seed(6), dtype=F64)
+    M = X.T @ X
+    est = []
+    for seed in range(300):
+        sk = SketchedFactor(50, rank=5, seed=seed, dtype=F64, device="cpu")
+        Y = M @ sk.omega
+        est.append(50 / sk.omega.shape[1] * float((Y * Y).sum()))
+    est = torch.tensor(est, dtype=F64)
+    ref = float(torch.trace(M @ M))
+    assert abs(float(est.mean()) - ref) < 4 * float(est.std()) / 300**0.5
+    assert abs(float(est.mean()) - ref) / ref < 0.02
 
 
 class _TwoHeads(nn.Module):
