@@ -1,5 +1,7 @@
-"""A MargLikTrainer run for tests/test_trainer_distributed.py: started once with plain python
-(one process) and once under torch.distributed.run with 2 CPU processes (gloo)."""
+"""A MargLikTrainer run for tests/test_trainer_distributed.py: started with plain python (one
+process) or under torch.distributed.run with 2 CPU processes (gloo). Checkpoints every 3 steps;
+``python ddp_worker.py OUT PER_DEVICE_BATCH [CHECKPOINT]`` resumes from CHECKPOINT (written by
+a run with any number of processes)."""
 
 import json
 import os
@@ -33,7 +35,7 @@ class Data(torch.utils.data.Dataset):
         return {"x": self.x[i], "labels": self.y[i]}
 
 
-def main(out_dir: str, per_device_batch: int) -> None:
+def main(out_dir: str, per_device_batch: int, resume: str | None = None) -> None:
     torch.manual_seed(0)
     model = Net().double()
     args = MargLikTrainingArguments(
@@ -44,14 +46,15 @@ def main(out_dir: str, per_device_batch: int) -> None:
         per_device_eval_batch_size=per_device_batch,
         learning_rate=1e-2,
         num_train_epochs=3,
-        save_strategy="no",
+        save_strategy="steps",
+        save_steps=3,
         n_hypersteps=5,
         dict_key_x="x",
         seed=0,
         disable_tqdm=True,
     )
     trainer = MargLikTrainer(model=model, args=args, train_dataset=Data())
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume)
     lap = trainer.laplace
     rank = int(os.environ.get("RANK", 0))
     result = {
@@ -68,4 +71,4 @@ def main(out_dir: str, per_device_batch: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else None)

@@ -1,6 +1,7 @@
 """MargLikTrainer data-parallel over 2 CPU processes (gloo, torch.distributed.run) equals one
 process with the same global batch: curvature, log marginal likelihood, hyperparameters and
-parameters agree to float rounding, and every process holds the same hyperparameters."""
+parameters agree to float rounding, and every process holds the same hyperparameters. A
+checkpoint written by either resumes on the other number of processes to the same end."""
 
 import json
 import os
@@ -61,3 +62,37 @@ def test_two_processes_equal_one_process(tmp_path):
             _close(got[key], ref[key])
     # every process holds exactly the same hyperparameters
     assert ranks[0]["prior_precision"] == ranks[1]["prior_precision"]
+
+
+def _check_same(got, ref):
+    for key in ("prior_precision", "log_marglik", "curvature", "params"):
+        _close(got[key], ref[key])
+
+
+def test_checkpoints_written_once_resume_on_another_process_count(tmp_path):
+    """Checkpoint-6 (end of epoch 2 of 3) of a 2-process run resumes in 1 process, and that of a
+    1-process run in 2 processes; both end where an uninterrupted run ends. Our state file is
+    written by the main process only (one file, no partial ``.tmp`` left)."""
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    from_multi, from_single = tmp_path / "from_multi", tmp_path / "from_single"
+    for d in (single, multi, from_multi, from_single):
+        d.mkdir()
+    port = f"--master_port={_free_port()}"
+    ddp = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", port, WORKER]
+    _run([sys.executable, WORKER, str(single), "8"], tmp_path)
+    _run(ddp + [str(multi), "4"], tmp_path)
+    for run in (single, multi):
+        ckpt = run / "run" / "checkpoint-6"
+        assert (ckpt / "marglik_state.pt").is_file()
+        assert not [f for f in os.listdir(ckpt) if f.endswith(".tmp")]
+    _run(
+        [sys.executable, WORKER, str(from_multi), "8", str(multi / "run" / "checkpoint-6")],
+        tmp_path,
+    )
+    port = f"--master_port={_free_port()}"
+    ddp = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", port, WORKER]
+    _run(ddp + [str(from_single), "4", str(single / "run" / "checkpoint-6")], tmp_path)
+    ref = json.loads((single / "result-0.json").read_text())
+    _check_same(json.loads((from_multi / "result-0.json").read_text()), ref)
+    for r in range(2):
+        _check_same(json.loads((from_single / f"result-{r}.json").read_text()), ref)
