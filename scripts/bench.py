@@ -59,6 +59,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchlib import join_section, load_average, peak_rss_mb, rss_reset, split_section
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -134,26 +136,6 @@ def settings(args) -> dict:
 # Everything below up to the orchestrator runs inside a fresh worker process.
 
 
-def _rss_reset() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_mb(reset_ok: bool) -> float:
-    if reset_ok:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 class Region:
     """Times a region and records its peak RSS."""
 
@@ -161,13 +143,13 @@ class Region:
         import gc
 
         gc.collect()
-        self.reset_ok = _rss_reset()
+        self.reset_ok = rss_reset()
         self.t0 = time.perf_counter()
         return self
 
     def __exit__(self, *exc):
         self.seconds = time.perf_counter() - self.t0
-        self.peak_mb = _peak_rss_mb(self.reset_ok)
+        self.peak_mb = peak_rss_mb(self.reset_ok)
         self.peak_method = "VmHWM after clear_refs" if self.reset_ok else "ru_maxrss (process)"
         return False
 
@@ -686,13 +668,6 @@ def spawn(name: str, cfg: dict, log) -> dict:
     return res
 
 
-def load_average() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "n/a"
-
-
 def machine() -> dict:
     cpu = platform.processor() or "unknown"
     try:
@@ -1014,20 +989,12 @@ def write_markdown(args, cfg, info, load_before, load_after, minutes, table, not
         "from issue 7.\n\n"
     )
     blocks = {mode: block}
-    start = text.find(SECTION)
-    if start < 0:
-        before, after = text.rstrip("\n") + "\n\n", ""
-    else:
-        nxt = re.search(r"^## ", text[start + len(SECTION) :], flags=re.M)
-        end = len(text) if nxt is None else start + len(SECTION) + nxt.start()
-        body = text[start:end]
-        for m in re.finditer(r"^### (\w+) run\n.*?(?=^### |\Z)", body, flags=re.M | re.S):
-            blocks.setdefault(m.group(1), m.group(0).rstrip("\n") + "\n")
-        before, after = text[:start], text[end:]
+    before, body, after = split_section(text, SECTION)
+    for m in re.finditer(r"^### (\w+) run\n.*?(?=^### |\Z)", body, flags=re.M | re.S):
+        blocks.setdefault(m.group(1), m.group(0).rstrip("\n") + "\n")
     order = [k for k in ("quick", "full", "custom") if k in blocks]
     section = intro + "\n".join(blocks[k] for k in order)
-    text = before + section.rstrip("\n") + "\n" + ("\n" + after.lstrip("\n") if after else "")
-    path.write_text(text.rstrip("\n") + "\n")
+    path.write_text(join_section(before, section, after))
     print(f"wrote {path}")
 
 

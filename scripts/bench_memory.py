@@ -74,6 +74,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchlib import join_section, load_average, rss_reset, split_section, status_mb
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -119,30 +121,6 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 # ------------------------------------------------------------------------------ measuring
-def _rss_reset() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _status_mb(key: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def load_average() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "n/a"
-
-
 # ------------------------------------------------------------------------------ model, data
 def text_batches(args) -> tuple[list[dict], int]:
     """``--n-seq`` BBC News articles of exactly ``--seq-len`` SmolLM2 tokens, in batches, with
@@ -292,8 +270,8 @@ def fit(model, batches, rank: int | None, seed: int) -> dict:
     from hf_marglik import Laplace
 
     gc.collect()
-    rss_before = _status_mb("VmRSS")
-    reset_ok = _rss_reset()
+    rss_before = status_mb("VmRSS")
+    reset_ok = rss_reset()
     t0 = time.perf_counter()
     lap = Laplace(
         model,
@@ -305,7 +283,7 @@ def fit(model, batches, rank: int | None, seed: int) -> dict:
         factor_rank=rank,
     ).fit(batches)
     seconds = time.perf_counter() - t0
-    peak = _status_mb("VmHWM") if reset_ok else float("nan")
+    peak = status_mb("VmHWM") if reset_ok else float("nan")
     return {"lap": lap, "seconds": seconds, "peak_mb": peak, "rss_before_mb": rss_before}
 
 
@@ -578,7 +556,7 @@ def write_markdown(args, table: str, notes: list[str], load_before, load_after, 
             f"- Date: {time.strftime('%Y-%m-%d %H:%M %Z')}; took {minutes:.0f} min",
             f"- Machine: nproc {os.cpu_count()}, Python {platform.python_version()}, torch "
             f"{torch.__version__} ({args.threads} threads); load average (1/5/15 min) before "
-            f"{load_before}, after {load_after} (shared machine: times are inflated)",
+            f"{load_before}, after {load_after} (a shared machine: other jobs inflate times)",
             "",
             table,
             "",
@@ -586,15 +564,8 @@ def write_markdown(args, table: str, notes: list[str], load_before, load_after, 
             "",
         ]
     )
-    start = text.find(SECTION)
-    if start < 0:
-        before, after = text.rstrip("\n") + "\n\n", ""
-    else:
-        nxt = re.search(r"^## ", text[start + len(SECTION) :], flags=re.M)
-        end = len(text) if nxt is None else start + len(SECTION) + nxt.start()
-        before, after = text[:start], text[end:]
-    text = before + section.rstrip("\n") + "\n" + ("\n" + after.lstrip("\n") if after else "")
-    path.write_text(text.rstrip("\n") + "\n")
+    before, _, after = split_section(text, SECTION)
+    path.write_text(join_section(before, section, after))
     print(f"wrote {path}")
 
 

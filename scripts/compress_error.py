@@ -52,14 +52,14 @@ import json
 import math
 import os
 import platform
-import re
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchlib import git_rev, load_average, replace_section
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -310,35 +310,9 @@ def render_7b(ranks: list[int]) -> str:
 
 
 # ---------------------------------------------------------------- markdown
-def _load_average() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "n/a"
-
-
-def _git() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip()
-    except OSError:
-        return "n/a"
-
-
 def write_markdown(path: Path, body: str) -> None:
     """Write ``body`` as SECTION of ``path``, keeping every other section."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    start = text.find(SECTION)
-    if start < 0:
-        before, after = text.rstrip("\n") + "\n\n", ""
-    else:
-        nxt = re.search(r"^## ", text[start + len(SECTION) :], flags=re.M)
-        end = len(text) if nxt is None else start + len(SECTION) + nxt.start()
-        before, after = text[:start], text[end:]
-    text = before + body.rstrip("\n") + "\n" + ("\n" + after.lstrip("\n") if after else "")
-    path.write_text(text.rstrip("\n") + "\n")
-    print(f"wrote {path}")
+    replace_section(path, SECTION, body)
 
 
 def section(args, rows, extra, source, seconds, load_before, load_after) -> str:
@@ -371,7 +345,7 @@ def section(args, rows, extra, source, seconds, load_before, load_after) -> str:
             f"- Date: {time.strftime('%Y-%m-%d %H:%M %Z')}; took {seconds / 60:.1f} min "
             f"(predictive of all ranks on the test split {extra['predict_s']:.0f} s)",
             f"- Machine: nproc {os.cpu_count()}, Python {platform.python_version()}, torch "
-            f"{torch.__version__} ({args.threads} thread(s)); code: git {_git()} (plus "
+            f"{torch.__version__} ({args.threads} thread(s)); code: git {git_rev()} (plus "
             f"uncommitted changes); load average before {load_before}, after {load_after}",
             "- Model: the default run (pretrained all-MiniLM-L6-v2, LoRA r=8 on query/value, "
             f"5-way head; {extra['n_params']:,} trainable parameters in 26 tensors). "
@@ -417,13 +391,13 @@ def main(argv: list[str] | None = None) -> int:
     from hf_marglik.recipe import parse_args
     from hf_marglik.recipe.run import prepare
 
-    t0, load_before = time.time(), _load_average()
+    t0, load_before = time.time(), load_average()
     cfg = parse_args(["--marglik", "--disable_tqdm", "true"])
     prep = prepare(cfg)
     model, lap, source = trained_posterior(args, cfg, prep)
     with tempfile.TemporaryDirectory() as tmp:
         rows, extra = measure(args, cfg, prep, model, lap, Path(tmp))
-    seconds, load_after = time.time() - t0, _load_average()
+    seconds, load_after = time.time() - t0, load_average()
     print()
     print(f"Posterior: {source}; {extra['n_test']} test articles; MAP {extra['map']}")
     print(render(rows))

@@ -1,0 +1,29 @@
+"""The benchmark scripts rewrite one section of BENCHMARKS.md and keep every other one."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+
+from benchlib import join_section, replace_section, split_section  # noqa: E402
+
+TEXT = "# Benchmarks\n\n## A\n\nalpha\n\n## B\n\nbeta\n### sub\nmore\n\n## C\n\ngamma\n"
+
+
+def test_split_and_join_round_trip():
+    for heading in ("## A", "## B", "## C"):
+        before, section, after = split_section(TEXT, heading)
+        assert section.startswith(heading) and "\n## " not in section
+        assert join_section(before, section, after) == TEXT
+    assert split_section(TEXT, "## B")[1] == "## B\n\nbeta\n### sub\nmore\n\n"
+
+
+def test_replace_keeps_other_sections_and_appends_new_ones(tmp_path):
+    path = tmp_path / "BENCHMARKS.md"
+    path.write_text(TEXT)
+    replace_section(path, "## B", "## B\n\nnew beta\n")
+    assert path.read_text() == TEXT.replace("beta\n### sub\nmore\n", "new beta\n")
+    replace_section(path, "## D", "## D\n\ndelta\n")
+    assert path.read_text().endswith("## C\n\ngamma\n\n## D\n\ndelta\n")
+    replace_section(tmp_path / "new.md", "## A", "## A\n\nx\n")
+    assert (tmp_path / "new.md").read_text() == "# Benchmarks\n\n## A\n\nx\n"
