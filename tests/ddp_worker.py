@@ -8,36 +8,14 @@ import os
 import sys
 
 import torch
-from torch import nn
+from models import TinyData, TinyNet  # tests/ is this script's folder
 
 from hf_marglik import MargLikTrainer, MargLikTrainingArguments
 
 
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.body = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
-
-    def forward(self, x):
-        return self.body(x)
-
-
-class Data(torch.utils.data.Dataset):
-    def __init__(self):
-        g = torch.Generator().manual_seed(0)
-        self.x = torch.randn(24, 4, generator=g, dtype=torch.float64)
-        self.y = torch.randint(0, 3, (24,), generator=g)
-
-    def __len__(self):
-        return 24
-
-    def __getitem__(self, i):
-        return {"x": self.x[i], "labels": self.y[i]}
-
-
 def main(out_dir: str, per_device_batch: int, resume: str | None = None) -> None:
     torch.manual_seed(0)
-    model = Net().double()
+    model = TinyNet().double()
     args = MargLikTrainingArguments(
         output_dir=os.path.join(out_dir, "run"),
         report_to="none",
@@ -53,7 +31,7 @@ def main(out_dir: str, per_device_batch: int, resume: str | None = None) -> None
         seed=0,
         disable_tqdm=True,
     )
-    trainer = MargLikTrainer(model=model, args=args, train_dataset=Data())
+    trainer = MargLikTrainer(model=model, args=args, train_dataset=TinyData())
     trainer.train(resume_from_checkpoint=resume)
     lap = trainer.laplace
     rank = int(os.environ.get("RANK", 0))

@@ -315,3 +315,31 @@ def llama_lora(
     randomise_trainable(model, seed)
     batches = _token_batches(vocab, n_batches, batch, seq, padded, seed + 1)
     return model, _lm_labels(batches, ignore_one, pad_label)
+
+
+# ------------------------------------------------------------- trainer runs in subprocesses
+class TinyNet(nn.Module):
+    """A 4-6-3 tanh MLP taking ``batch["x"]`` (``dict_key_x="x"``): the model of the
+    multi-process and kill/resume worker scripts."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+class TinyData(torch.utils.data.Dataset):
+    """24 fixed float64 examples ``{"x", "labels"}`` (3 classes) for :class:`TinyNet`."""
+
+    def __init__(self, n: int = 24):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n, 4, generator=g, dtype=torch.float64)
+        self.y = torch.randint(0, 3, (n,), generator=g)
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return {"x": self.x[i], "labels": self.y[i]}

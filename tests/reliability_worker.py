@@ -27,35 +27,13 @@ import sys
 import time
 
 import torch
-from torch import nn
+from models import TinyData, TinyNet  # tests/ is this script's folder
 from transformers import TrainerCallback
 
 from hf_marglik import MargLikTrainer, MargLikTrainingArguments
 from hf_marglik.preemption import SIGTERM_EXIT_CODE
 
 WAIT_S = 120  # never wait longer than this at a pause (a test that died leaves no orphan)
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.body = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
-
-    def forward(self, x):
-        return self.body(x)
-
-
-class Data(torch.utils.data.Dataset):
-    def __init__(self):
-        g = torch.Generator().manual_seed(0)
-        self.x = torch.randn(24, 4, generator=g, dtype=torch.float64)
-        self.y = torch.randint(0, 3, (24,), generator=g)
-
-    def __len__(self):
-        return 24
-
-    def __getitem__(self, i):
-        return {"x": self.x[i], "labels": self.y[i]}
 
 
 def make_trainer(out_dir: str, callbacks=(), save: bool = True) -> MargLikTrainer:
@@ -78,7 +56,7 @@ def make_trainer(out_dir: str, callbacks=(), save: bool = True) -> MargLikTraine
         seed=0,
     )
     return MargLikTrainer(
-        model=Net().double(), args=args, train_dataset=Data(), callbacks=list(callbacks)
+        model=TinyNet().double(), args=args, train_dataset=TinyData(), callbacks=list(callbacks)
     )
 
 

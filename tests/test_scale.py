@@ -14,7 +14,7 @@ import importlib.util
 
 import pytest
 import torch
-from torch import nn
+from models import TinyNet
 from transformers import TrainingArguments
 
 from hf_marglik import MargLikTrainer, MargLikTrainingArguments
@@ -35,15 +35,6 @@ ACCELERATE_VARS = (
 def _clean_env(monkeypatch):
     for key in ACCELERATE_VARS:
         monkeypatch.delenv(key, raising=False)
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.body = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
-
-    def forward(self, x):
-        return self.body(x)
 
 
 def _data():
@@ -86,17 +77,17 @@ def _assert_refused(make, *names):
 def test_fsdp_training_arguments_are_refused(tmp_path, kw):
     args = _args(tmp_path, **kw)
     _assert_refused(
-        lambda: MargLikTrainer(model=Net(), args=args, train_dataset=_data()), "FSDP", "fsdp"
+        lambda: MargLikTrainer(model=TinyNet(), args=args, train_dataset=_data()), "FSDP", "fsdp"
     )
     # positional arguments, as Trainer(model, args) allows
-    _assert_refused(lambda: MargLikTrainer(Net(), args, train_dataset=_data()), "FSDP")
+    _assert_refused(lambda: MargLikTrainer(TinyNet(), args, train_dataset=_data()), "FSDP")
 
 
 def test_tensor_parallel_config_is_refused(tmp_path):
     from accelerate.parallelism_config import ParallelismConfig
 
     args = _args(tmp_path, parallelism_config=ParallelismConfig(tp_size=2))
-    _assert_refused(lambda: MargLikTrainer(model=Net(), args=args), "tp_size=2")
+    _assert_refused(lambda: MargLikTrainer(model=TinyNet(), args=args), "tp_size=2")
 
 
 @pytest.mark.parametrize(
@@ -118,7 +109,9 @@ def test_accelerate_launch_sharding_is_refused(tmp_path, monkeypatch, env, names
     args = _args(tmp_path)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    _assert_refused(lambda: MargLikTrainer(model=Net(), args=args, train_dataset=_data()), *names)
+    _assert_refused(
+        lambda: MargLikTrainer(model=TinyNet(), args=args, train_dataset=_data()), *names
+    )
 
 
 def test_deepspeed_arguments_are_refused(tmp_path):
@@ -128,7 +121,7 @@ def test_deepspeed_arguments_are_refused(tmp_path):
             TrainingArguments(output_dir=str(tmp_path), deepspeed={"zero_optimization": {}})
     args = _args(tmp_path)
     args.deepspeed = {"zero_optimization": {"stage": 2}}  # what deepspeed=... leaves in the args
-    _assert_refused(lambda: MargLikTrainer(model=Net(), args=args), "DeepSpeed")
+    _assert_refused(lambda: MargLikTrainer(model=TinyNet(), args=args), "DeepSpeed")
 
 
 def test_supported_set_ups_are_accepted(tmp_path, monkeypatch):
@@ -137,7 +130,7 @@ def test_supported_set_ups_are_accepted(tmp_path, monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "false")
     args = _args(tmp_path, bf16=True, gradient_checkpointing=True, factor_rank=4)
     assert requested_sharding(args) == []
-    trainer = MargLikTrainer(model=Net(), args=args, train_dataset=_data())
+    trainer = MargLikTrainer(model=TinyNet(), args=args, train_dataset=_data())
     assert not trainer.is_fsdp_enabled and not trainer.is_deepspeed_enabled
     # a ParallelismConfig of replicated data parallelism only is DDP
     replicated = {"ACCELERATE_USE_PARALLELISM_CONFIG": "true"}
