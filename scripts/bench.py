@@ -69,7 +69,6 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 ROOT = Path(__file__).resolve().parent.parent
 SECTION = "## Speed and memory"
 
-CHEAP_SUBSET = 0.25  # (2, cheap): the fraction of the training data the curvature is fit on
 QUICK = dict(
     n_train=32, seq_len=64, batch_size=16, epochs=2, repeats=3, gpt2_n_train=64, gpt2_seq_len=128
 )
@@ -100,6 +99,18 @@ def make_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--cheap-backend",
+        default="ggn-mc",
+        choices=["ggn", "ggn-mc", "ef"],
+        help="(2, cheap): the curvature backend of the cheaper MargLikTrainer setting",
+    )
+    p.add_argument(
+        "--cheap-subset",
+        type=float,
+        default=0.25,
+        help="(2, cheap): the fraction of the training data its curvature is fit on",
+    )
+    p.add_argument(
         "--only",
         nargs="+",
         choices=["marglik", "trainer", "kernels", "plain"],
@@ -129,6 +140,7 @@ def settings(args) -> dict:
         if value is not None:
             base[key] = value
     base.update(n_hypersteps=args.n_hypersteps, lr=args.lr, threads=args.threads, seed=args.seed)
+    base.update(cheap_backend=args.cheap_backend, cheap_subset=args.cheap_subset)
     return base
 
 
@@ -451,7 +463,10 @@ def worker_trainer(cfg: dict, kind: str) -> dict:
             extra = {
                 "marglik": {},
                 "marglik-mc": {"backend": "ggn-mc"},
-                "marglik-cheap": {"backend": "ggn-mc", "marglik_subset": CHEAP_SUBSET},
+                "marglik-cheap": {
+                    "backend": cfg["cheap_backend"],
+                    "marglik_subset": cfg["cheap_subset"],
+                },
             }[kind]
             args = _training_args(cfg, out, True, **extra)
             trainer = MargLikTrainer(model=model, args=args, train_dataset=examples)
@@ -828,7 +843,8 @@ def orchestrate(args, cfg: dict) -> int:
         )
         table.add(
             "2 (cheap)",
-            f"MargLikTrainer (backend='ggn-mc', marglik_subset={CHEAP_SUBSET}) / "
+            f"MargLikTrainer (backend='{cfg['cheap_backend']}', "
+            f"marglik_subset={cfg['cheap_subset']}) / "
             "transformers.Trainer time",
             paired("trainer-marglik-cheap", "trainer-plain"),
             1.3,
