@@ -343,3 +343,38 @@ class TinyData(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return {"x": self.x[i], "labels": self.y[i]}
+
+
+class DictDataset(torch.utils.data.Dataset):
+    """A list of dict examples as a map-style dataset (for ``MargLikTrainer`` tests)."""
+
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def tiny_trainer_args(output_dir, **kw):
+    """``MargLikTrainingArguments`` for fast CPU trainer tests (no saving, 3 hyper-steps,
+    batch 8, step size 1e-2, seed 0); ``kw`` overrides any field."""
+    from hf_marglik.training_args import MargLikTrainingArguments
+
+    base = dict(
+        output_dir=str(output_dir),
+        report_to="none",
+        use_cpu=True,
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=8,
+        learning_rate=1e-2,
+        save_strategy="no",
+        logging_steps=1,
+        n_hypersteps=3,
+        disable_tqdm=True,
+        seed=0,
+    )
+    base.update(kw)
+    return MargLikTrainingArguments(**base)

@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 import reliability_worker as W
 import torch
+from models import DictDataset, tiny_trainer_args
 from torch import nn
 from transformers import TrainerCallback
 
@@ -164,17 +165,6 @@ def background(request, tmp_path_factory):
 
 
 # ============================================================================ tiny models
-class DictDataset(torch.utils.data.Dataset):
-    def __init__(self, items):
-        self.items = items
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        return self.items[i]
-
-
 class _Overflow(torch.autograd.Function):
     """Identity forward; backward multiplies the gradient by inf (a float16-style overflow)."""
 
@@ -217,21 +207,7 @@ def _data(n=16, n_in=3, labels=None):
 
 
 def _args(out, **kw) -> MargLikTrainingArguments:
-    base = dict(
-        output_dir=str(out),
-        report_to="none",
-        use_cpu=True,
-        per_device_train_batch_size=8,
-        per_device_eval_batch_size=8,
-        learning_rate=1e-2,
-        save_strategy="no",
-        logging_steps=1,
-        n_hypersteps=3,
-        disable_tqdm=True,
-        seed=0,
-    )
-    base.update(kw)
-    return MargLikTrainingArguments(**base)
+    return tiny_trainer_args(out, **kw)
 
 
 class _FaultAt(TrainerCallback):

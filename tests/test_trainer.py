@@ -10,6 +10,7 @@ import os
 
 import pytest
 import torch
+from models import DictDataset, tiny_trainer_args
 from torch import nn
 from transformers import TrainerCallback, TrainingArguments
 
@@ -28,33 +29,8 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-class DictDataset(torch.utils.data.Dataset):
-    def __init__(self, items):
-        self.items = items
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        return self.items[i]
-
-
 def _args(tmp_path, **kw) -> MargLikTrainingArguments:
-    base = dict(
-        output_dir=str(tmp_path / "out"),
-        report_to="none",
-        use_cpu=True,
-        per_device_train_batch_size=8,
-        per_device_eval_batch_size=8,
-        learning_rate=1e-2,
-        save_strategy="no",
-        logging_steps=1,
-        n_hypersteps=3,
-        disable_tqdm=True,
-        seed=0,
-    )
-    base.update(kw)
-    return MargLikTrainingArguments(**base)
+    return tiny_trainer_args(tmp_path / "out", **kw)
 
 
 class _ModeRecorder(TrainerCallback):
