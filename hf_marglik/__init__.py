@@ -10,7 +10,7 @@ Public API:
   the observation noise.
 - The options, as ``str`` Enums: :class:`Likelihood`, :class:`HessianStructure`,
   :class:`Backend`, :class:`KFACApprox`, :class:`PriorStructure`, :class:`PredType`,
-  :class:`LinkApprox`.
+  :class:`LinkApprox`, :class:`SubsetSampling`.
 - :func:`calibration_metrics` — accuracy, NLL, ECE and Brier score of predicted probabilities.
 """
 
@@ -25,6 +25,7 @@ from .options import (
     LinkApprox,
     PredType,
     PriorStructure,
+    SubsetSampling,
 )
 from .trainer import MargLikTrainer
 from .training_args import MargLikTrainingArguments
@@ -39,6 +40,7 @@ __all__ = [
     "Backend",
     "KFACApprox",
     "PriorStructure",
+    "SubsetSampling",
     "PredType",
     "LinkApprox",
     "calibration_metrics",

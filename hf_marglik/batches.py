@@ -165,11 +165,15 @@ def _check_class_range(y: Tensor, n_classes: int) -> None:
         )
 
 
-def nll_sum(t: Targets) -> Tensor:
+def nll_sum(t: Targets, weights: Tensor | None = None) -> Tensor:
     """Negative log likelihood summed over the data points, at unit noise for regression:
-    cross-entropy for categorical likelihoods, ``½‖f − y‖²`` for regression."""
+    cross-entropy for categorical likelihoods, ``½‖f − y‖²`` for regression. ``weights`` (the
+    shape of ``t.mask``): a weighted sum."""
+    m = t.mask if weights is None else t.mask * weights.to(t.logits.dtype)
     if t.logits.ndim >= 2 and t.y.dtype in (torch.long, torch.int, torch.int32):
         logp = torch.log_softmax(t.logits, dim=-1)
         nll = -logp.gather(-1, t.y.unsqueeze(-1)).squeeze(-1)
-        return (nll * t.mask).sum()
-    return 0.5 * ((t.logits - t.y) ** 2).sum()
+        return (nll * m).sum()
+    if weights is None:
+        return 0.5 * ((t.logits - t.y) ** 2).sum()
+    return 0.5 * (((t.logits - t.y) ** 2).sum(-1) * m).sum()

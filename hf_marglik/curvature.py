@@ -251,8 +251,11 @@ class Curvature:
         else:
             self.H.add_((per_example * per_example).sum(0))
 
-    def add_inputs(self, inputs: list[Tensor], mask: Tensor | None) -> None:
-        """Add the input factors of one forward pass (K-FAC only; once per batch).
+    def add_inputs(
+        self, inputs: list[Tensor], mask: Tensor | None, weights: Tensor | None = None
+    ) -> None:
+        """Add the input factors of one forward pass (K-FAC only; once per batch); ``weights``:
+        one per example, example ``n``'s rows count ``w_n`` times.
 
         Layers that read the very same input tensor (LoRA ``A`` of ``q_proj`` and ``v_proj``)
         share one input factor object: accumulated and eigendecomposed once. Should a later
@@ -278,7 +281,7 @@ class Curvature:
             first.setdefault(key, i)
             if id(self.A[i]) in done:
                 continue
-            rows, count = self._input_rows(inputs[i], mask)
+            rows, count = self._input_rows(inputs[i], mask, weights)
             self.A[i].add(rows)
             self.A[i].count += count
             done.add(id(self.A[i]))
@@ -287,18 +290,32 @@ class Curvature:
         # the sketch's random test matrix depends only on the factor: the same on every process
         return new_factor(d, self.factor_rank, 7919 + key, self.dtype, self.device)
 
-    def _input_rows(self, a: Tensor, mask: Tensor | None) -> tuple[Tensor, int]:
+    def _input_rows(
+        self, a: Tensor, mask: Tensor | None, weights: Tensor | None = None
+    ) -> tuple[Tensor, float]:
+        """The rows whose outer products make up ``A``, and their (weighted) count."""
+        w = None if weights is None else weights.to(a.device, a.dtype).reshape(-1)
         if a.ndim == 2:
-            return a, a.shape[0]
+            if w is None:
+                return a, a.shape[0]
+            return a * w.sqrt().unsqueeze(-1), float(w.sum())
         a3 = a.reshape(a.shape[0], -1, a.shape[-1])
         m = _position_mask(mask, a3)
         if self.kfac_approx == KFACApprox.EXPAND:
+            if w is not None:
+                a3 = a3 * w.sqrt().reshape(-1, 1, 1)
+                wt = w.reshape(-1, 1).expand(a3.shape[:2])
+                count = float(wt[m].sum()) if m is not None else float(wt.sum())
             rows = a3[m] if m is not None else a3.reshape(-1, a3.shape[-1])
-            return rows, rows.shape[0]
+            return rows, (rows.shape[0] if w is None else count)
         if m is None:
-            return a3.mean(1), a3.shape[0]
-        w = m.to(a3.dtype).unsqueeze(-1)
-        return (a3 * w).sum(1) / w.sum(1).clamp_min(1.0), a3.shape[0]
+            rows = a3.mean(1)
+        else:
+            mw = m.to(a3.dtype).unsqueeze(-1)
+            rows = (a3 * mw).sum(1) / mw.sum(1).clamp_min(1.0)
+        if w is None:
+            return rows, a3.shape[0]
+        return rows * w.sqrt().unsqueeze(-1), float(w.sum())
 
     def _add_kron(self, i: int, a: Tensor, g: Tensor, mask: Tensor | None) -> None:
         g2 = (
@@ -327,9 +344,9 @@ class Curvature:
             self.B[i].all_reduce()
         for factor in _unique(self.A[i] for i in sorted(self.A)):
             factor.all_reduce()
-            count = torch.tensor(float(factor.count), device=self.device)
+            count = torch.tensor(float(factor.count), dtype=torch.float64, device=self.device)
             dist.all_reduce(count)
-            factor.count = int(count.item())
+            factor.count = float(count.item())
 
     def kron_eigs(self, scale: float = 1.0) -> tuple[list[tuple], int]:
         """Per trainable tensor (parameter order) ``(λ_B, Q_B, λ_A, Q_A)`` of the factors

@@ -41,6 +41,27 @@ MAX_DENSE_BLOCK = 8192
 dense Cholesky factorisation."""
 
 
+def _point_weights(w, t: B.Targets, dtype: torch.dtype) -> Tensor:
+    """Per-example weights broadcast to the data points of ``t`` (positions, for a causal LM)."""
+    w = torch.as_tensor(w, device=t.logits.device).to(dtype).reshape(-1)
+    if w.numel() != t.mask.shape[0]:
+        raise ValueError(
+            f"example_weights returned {w.numel()} weights for a batch of {t.mask.shape[0]} "
+            "examples; return one weight per example."
+        )
+    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+        raise ValueError("example_weights must be finite and non-negative.")
+    return w.reshape(-1, *([1] * (t.mask.ndim - 1))).expand(t.mask.shape)
+
+
+def _max_over_processes(n: int | None, device: torch.device) -> int | None:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return n
+    t = torch.tensor([-1 if n is None else n], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return None if int(t) < 0 else int(t)
+
+
 def default_kfac_approx(likelihood: Likelihood) -> KFACApprox:
     """``expand`` for every likelihood, as measured (BENCHMARKS.md, "K-FAC fidelity": relative
     error of ``log det(I + H/δ)`` against the exact GGN on small LoRA models).
@@ -225,11 +246,21 @@ class Laplace:
         return self._mean
 
     # ----------------------------------------------------------------- fitting
-    def fit(self, train_loader, n_data: int | None = None, progress_bar: bool = False) -> Laplace:
+    def fit(
+        self,
+        train_loader,
+        n_data: int | None = None,
+        progress_bar: bool = False,
+        example_weights=None,
+    ) -> Laplace:
         """Compute the curvature and the loss at the current parameters in one pass.
 
         ``n_data``: the number of data points of the whole training set when ``train_loader``
         covers a subset; the curvature and the loss are rescaled by ``n_data / counted``.
+        ``example_weights``: a callable that takes a batch as the loader yields it and returns
+        one weight per example (a 1-d tensor); example ``n``'s likelihood and curvature then
+        count ``w_n`` times (an integer weight equals repeating the example), and ``counted``
+        is the weighted count. For importance-sampled subsets (:mod:`hf_marglik.subset`).
         The model's train/eval mode, ``requires_grad`` flags and ``.grad`` are restored
         afterwards, also when the pass raises.
         """
@@ -250,13 +281,14 @@ class Laplace:
             self.factor_rank,
         )
         loss = torch.zeros((), dtype=self.dtype, device=self.device)
-        counted, n_outputs = 0, None
+        counted, n_outputs = 0.0, None
         model.eval()
         try:
             rec = Recorder(self._sites, self.dtype)
             with rec.recording(model):
                 for batch in tqdm(train_loader, desc="Curvature fit", disable=not progress_bar):
-                    n, k = self._fit_batch(rec, curv, batch, generator, loss)
+                    w = None if example_weights is None else example_weights(batch)
+                    n, k = self._fit_batch(rec, curv, batch, generator, loss, w)
                     counted, n_outputs = counted + n, k
         finally:
             model.train(was_training)
@@ -264,10 +296,11 @@ class Laplace:
                 p.requires_grad_(flag)
                 p.grad = g
         counted = self._all_reduce(curv, loss, counted)
+        n_outputs = _max_over_processes(n_outputs, self.device)  # a process may have no batch
         if counted == 0:
             raise ValueError("The data has no data points (all targets are -100 or empty).")
         scale = 1.0 if n_data is None else n_data / counted
-        self.n_data = counted if n_data is None else int(n_data)
+        self.n_data = round(counted) if n_data is None else int(n_data)
         self.n_outputs = n_outputs
         self.loss = loss * scale
         self._mean = torch.cat([p.detach().reshape(-1) for p in self._params]).to(self.dtype)
@@ -275,7 +308,7 @@ class Laplace:
         return self
 
     @staticmethod
-    def _all_reduce(curv: Curvature, loss: Tensor, counted: int) -> int:
+    def _all_reduce(curv: Curvature, loss: Tensor, counted: float) -> float:
         """Sum curvature, loss and data count over data-parallel processes (no-op otherwise)."""
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return counted
@@ -283,11 +316,11 @@ class Laplace:
         dist.all_reduce(loss)
         n = torch.tensor(float(counted), dtype=torch.float64, device=loss.device)
         dist.all_reduce(n)
-        return int(n.item())
+        return float(n.item())
 
     def _fit_batch(
-        self, rec: Recorder, curv: Curvature, batch, generator, loss: Tensor
-    ) -> tuple[int, int]:
+        self, rec: Recorder, curv: Curvature, batch, generator, loss: Tensor, w: Tensor | None
+    ) -> tuple[float, int]:
         inputs, y = B.split_batch(batch, self.dict_key_x, self.dict_key_y)
         inputs, y = B.to_device(inputs, self.device), B.to_device(y, self.device)
         mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
@@ -296,9 +329,10 @@ class Laplace:
             t = B.targets_for(logits, y, self.likelihood, mask)
             if self.likelihood != Likelihood.REGRESSION:
                 check_outputs(logits.shape[-1], self.backend)
-            loss += B.nll_sum(t).detach().to(self.dtype)
+            wp = None if w is None else _point_weights(w, t, self.dtype)
+            loss += B.nll_sum(t, wp).detach().to(self.dtype)
             acts = rec.inputs()
-            curv.add_inputs(acts, mask)
+            curv.add_inputs(acts, mask, w)
             cols = loss_columns(t, self.backend, self.n_mc_samples, generator)
             if self.likelihood == Likelihood.CAUSAL_LM and self.backend != Backend.GGN_MC:
                 # each token is its own data point: its loss-Hessian columns are backpropagated
@@ -306,7 +340,9 @@ class Laplace:
                 # independently per token have none in expectation and go all at once)
                 cols = per_position(cols, t.mask)
             cols = list(cols)
+            root = None if wp is None else wp.sqrt().unsqueeze(-1)
             for j, s in enumerate(cols):
+                s = s if root is None else s * root.to(s.dtype)
                 torch.autograd.grad(
                     t.logits,
                     self._params,
@@ -315,7 +351,8 @@ class Laplace:
                     allow_unused=True,
                 )
                 curv.add(acts, rec.output_grads(acts), mask)
-        return t.n_data, int(logits.shape[-1])
+        n = t.n_data if wp is None else float((wp * t.mask).sum())
+        return n, int(logits.shape[-1])
 
     def _decompose(self, curv: Curvature, scale: float) -> None:
         self.n_clipped = 0

@@ -67,6 +67,17 @@ class PriorStructure(str, Enum):
     """One precision per trainable parameter."""
 
 
+class SubsetSampling(str, Enum):
+    """How the examples of a curvature subset (``marglik_subset``) are drawn."""
+
+    UNIFORM = "uniform"
+    """One random subset, drawn once and used for every fit."""
+    CURVATURE = "curvature"
+    """A fresh subset per fit, example ``n`` drawn with probability proportional to its output
+    curvature ``1 − Σ_c p_c²`` and weighted by the inverse (classification only;
+    :mod:`hf_marglik.subset`)."""
+
+
 E = TypeVar("E", bound=Enum)
 
 

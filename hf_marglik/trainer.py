@@ -34,10 +34,11 @@ from .batches import call_model, nll_sum, split_batch, targets_for
 from .evaluation import calibration_report
 from .hyper import HyperOptimizer, batch_targets, count_data_points
 from .laplace import MAX_DENSE_BLOCK, Laplace
-from .options import HessianStructure, Likelihood, PriorStructure
+from .options import HessianStructure, Likelihood, PriorStructure, SubsetSampling
 from .parallel import check_parallelism
 from .params import trainable_parameters
 from .preemption import SigtermCheckpointCallback
+from .subset import CurvatureSubset, subset_size
 from .training_args import MargLikTrainingArguments
 
 STATE_NAME = "marglik_state.pt"
@@ -195,12 +196,17 @@ class MargLikTrainer(Trainer):
         # data-parallel: each process counts its shard of the training data, summed over all
         self.n_data = _sum_over_processes(
             count_data_points(
-                self.get_test_dataloader(self.train_dataset),
+                self._data_pass_loader(self.train_dataset),
                 a.likelihood,
                 a.dict_key_x,
                 a.dict_key_y,
             )
         )
+        self._curvature_subset = None
+        if a.marglik_subset is not None and a.marglik_subset_sampling == SubsetSampling.CURVATURE:
+            self._curvature_subset = CurvatureSubset(
+                self.train_dataset, a.marglik_subset, a.dict_key_x, a.seed
+            )
         self._fit_dataset = self._subset(self.train_dataset)
         self.laplace, self._final = None, False
         self.margliks, self.losses, self.marglik_update_steps = [], [], []
@@ -256,10 +262,10 @@ class MargLikTrainer(Trainer):
 
     def _subset(self, dataset):
         s = self.args.marglik_subset
-        if s is None:
+        if s is None or self._curvature_subset is not None:
             return dataset
+        k = subset_size(s, len(dataset))
         n = len(dataset)
-        k = max(1, math.ceil(s * n)) if s <= 1 else min(int(s), n)
         idx = sorted(torch.randperm(n, generator=torch.Generator().manual_seed(self.args.seed))[:k])
         idx = [int(i) for i in idx]
         if hasattr(dataset, "select"):  # datasets.Dataset
@@ -313,6 +319,9 @@ class MargLikTrainer(Trainer):
         if model.training:
             if self._hyper is None:
                 self._start(None)
+            if self._curvature_subset is not None:
+                ids = x[a.dict_key_x] if isinstance(x, Mapping) else x
+                self._curvature_subset.record(ids, mask, logits, self.state.global_step)
             total = data_term + self._hyper.prior_term(self._params) * (t.n_data / self.n_data)
             self._epoch_loss = self._epoch_loss + total.detach()  # no device sync per step
             self._epoch_items += t.n_data
@@ -391,11 +400,26 @@ class MargLikTrainer(Trainer):
             factor_rank=a.factor_rank,
         )
 
+    def _data_pass_loader(self, dataset):
+        """``get_test_dataloader`` without accelerate's even-batches padding, which in a
+        data-parallel run fills the last batches with repeated examples: each example of a
+        curvature pass or data count is seen exactly once over the processes."""
+        acc = self.accelerator
+        even = acc.even_batches
+        acc.even_batches = False
+        try:
+            return self.get_test_dataloader(dataset)
+        finally:
+            acc.even_batches = even
+
     def _fit(self, lap: Laplace) -> Laplace:
         was_training = self.model.training
         subset = self.args.marglik_subset is not None
-        loader = self.get_test_dataloader(self._fit_dataset)
-        lap.fit(loader, n_data=self.n_data if subset else None)
+        dataset, weights = self._fit_dataset, None
+        if self._curvature_subset is not None:
+            dataset, weights = self._curvature_subset.draw_subset(self.state.global_step)
+        loader = self._data_pass_loader(dataset)
+        lap.fit(loader, n_data=self.n_data if subset else None, example_weights=weights)
         self.model.train(was_training)
         if not subset and lap.n_data != self.n_data:
             warnings.warn(
@@ -555,6 +579,9 @@ class MargLikTrainer(Trainer):
             "marglik_skipped_steps": list(self.marglik_skipped_steps),
             "epoch_loss": float(self._epoch_loss),
             "epoch_items": self._epoch_items,
+            "subset_scores": (
+                None if self._curvature_subset is None else self._curvature_subset.state_dict()
+            ),
         }
 
     def _on_save(self) -> None:
@@ -588,6 +615,8 @@ class MargLikTrainer(Trainer):
         self.marglik_update_steps = list(sd["marglik_update_steps"])
         self.marglik_skipped_steps = list(sd.get("marglik_skipped_steps", []))
         self._epoch_loss, self._epoch_items = sd["epoch_loss"], sd["epoch_items"]
+        if self._curvature_subset is not None and sd.get("subset_scores") is not None:
+            self._curvature_subset.load_state_dict(sd["subset_scores"])
 
     def hyperparameters(self) -> dict:
         """The hyperparameters as plain JSON data: final ones after :meth:`train`, else current."""

@@ -18,6 +18,7 @@ from .options import (
     LinkApprox,
     PredType,
     PriorStructure,
+    SubsetSampling,
     coerce,
 )
 
@@ -39,12 +40,17 @@ class MargLikTrainingArguments(TrainingArguments):
         kfac_approx: ``"expand"`` / ``"reduce"`` for layers applied at every token; None picks
             expand (measured closer to the exact GGN; BENCHMARKS.md, "K-FAC fidelity").
         n_mc_samples: samples per data point for ``"ggn-mc"``.
-        marglik_subset: fit the curvature on a fixed random subset of the training data (drawn
-            once with ``seed``): a fraction in (0, 1] or, above 1, a number of examples. The
-            curvature and the loss are rescaled to the full data count. Right when a curvature
-            pass over the whole training set costs too much (it costs about one to a few epochs);
-            the marginal likelihood is then an estimate, and best-model selection compares
-            estimates made on the same subset.
+        marglik_subset: fit the curvature on a subset of the training data: a fraction in
+            (0, 1] or, above 1, a number of examples. The curvature and the loss are rescaled to
+            the full data count. Right when a curvature pass over the whole training set costs
+            too much (it costs about one to a few epochs); the marginal likelihood is then an
+            estimate.
+        marglik_subset_sampling: ``"curvature"`` (default for classification): a fresh subset
+            per fit, example ``n`` drawn with probability ``∝ 1 − Σ_c p_c²`` (its output
+            curvature, recorded from the training forward pass that last saw it) and weighted
+            by ``1/π_n``, an unbiased estimate with far less spread than a uniform subset's
+            (:mod:`hf_marglik.subset`); ``"uniform"`` (default otherwise): one random subset,
+            drawn once with ``seed``, for every fit.
         factor_rank: memory-bounded K-FAC for wide layers (large models): factors wider than
             ``2·factor_rank + 10`` are kept as a streaming sketch, their ``factor_rank`` leading
             eigenpairs and a two-moment tail (see hf_marglik/factors.py). None (default): dense.
@@ -165,6 +171,15 @@ class MargLikTrainingArguments(TrainingArguments):
             "(0, 1] or a number of examples (> 1); rescaled to the full data count."
         },
     )
+    marglik_subset_sampling: str | None = field(
+        default=None,
+        metadata={
+            "help": "How the marglik_subset is drawn: 'curvature' (a fresh subset per fit, "
+            "examples drawn in proportion to their output curvature and weighted by the inverse; "
+            "classification only) or 'uniform' (one random subset). None: 'curvature' for "
+            "classification, 'uniform' otherwise."
+        },
+    )
     factor_rank: int | None = field(
         default=None,
         metadata={
@@ -271,6 +286,23 @@ class MargLikTrainingArguments(TrainingArguments):
             raise ValueError(
                 "label_smoothing_factor must be 0: MargLikTrainer computes the likelihood itself "
                 "and a smoothed likelihood would not match the Laplace marginal likelihood."
+            )
+        if self.marglik_subset_sampling is None:
+            self.marglik_subset_sampling = (
+                SubsetSampling.CURVATURE
+                if self.likelihood == Likelihood.CLASSIFICATION
+                else SubsetSampling.UNIFORM
+            )
+        self.marglik_subset_sampling = coerce(
+            SubsetSampling, self.marglik_subset_sampling, "marglik_subset_sampling"
+        )
+        if (
+            self.marglik_subset_sampling == SubsetSampling.CURVATURE
+            and self.likelihood != Likelihood.CLASSIFICATION
+        ):
+            raise ValueError(
+                f"marglik_subset_sampling='curvature' needs likelihood='classification' (got "
+                f"{self.likelihood.value!r}); use 'uniform' or leave it None."
             )
         if self.fix_sigma_noise and self.likelihood != Likelihood.REGRESSION:
             warnings.warn(

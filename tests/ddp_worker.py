@@ -1,7 +1,8 @@
 """A MargLikTrainer run for tests/test_trainer_distributed.py: started with plain python (one
 process) or under torch.distributed.run with 2 CPU processes (gloo). Checkpoints every 3 steps;
 ``python ddp_worker.py OUT PER_DEVICE_BATCH [CHECKPOINT]`` resumes from CHECKPOINT (written by
-a run with any number of processes)."""
+a run with any number of processes). ``HF_MARGLIK_TEST_SUBSET=0.5`` in the environment fits the
+curvature on a curvature-weighted half of the data (``marglik_subset``)."""
 
 import json
 import os
@@ -30,6 +31,7 @@ def main(out_dir: str, per_device_batch: int, resume: str | None = None) -> None
         dict_key_x="x",
         seed=0,
         disable_tqdm=True,
+        marglik_subset=float(os.environ.get("HF_MARGLIK_TEST_SUBSET", 0)) or None,
     )
     trainer = MargLikTrainer(model=model, args=args, train_dataset=TinyData())
     trainer.train(resume_from_checkpoint=resume)
@@ -37,6 +39,8 @@ def main(out_dir: str, per_device_batch: int, resume: str | None = None) -> None
     rank = int(os.environ.get("RANK", 0))
     result = {
         "world_size": trainer.args.world_size,
+        "fit_count": lap.n_data,
+        "scores": len(trainer._curvature_subset.scores) if trainer._curvature_subset else 0,
         "n_data": trainer.n_data,
         "margliks": trainer.margliks,
         "prior_precision": lap.prior_precision.tolist(),

@@ -20,8 +20,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(cmd, tmp):
+def _run(cmd, tmp, subset=None):
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    if subset is not None:
+        env["HF_MARGLIK_TEST_SUBSET"] = str(subset)
     proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
@@ -33,11 +35,14 @@ def _close(a, b, rtol=1e-10, atol=1e-12):
         assert x == pytest.approx(y, rel=rtol, abs=atol)
 
 
-def test_two_processes_equal_one_process(tmp_path):
+@pytest.mark.parametrize("subset", [None, 0.5])
+def test_two_processes_equal_one_process(tmp_path, subset):
+    """``subset=0.5``: curvature-weighted subsets (each process records the curvature of its
+    shard; the scores are gathered, so every process draws the same subset)."""
     single, multi = tmp_path / "single", tmp_path / "multi"
     single.mkdir()
     multi.mkdir()
-    _run([sys.executable, WORKER, str(single), "8"], tmp_path)
+    _run([sys.executable, WORKER, str(single), "8"], tmp_path, subset)
     _run(
         [
             sys.executable,
@@ -50,14 +55,18 @@ def test_two_processes_equal_one_process(tmp_path):
             "4",
         ],
         tmp_path,
+        subset,
     )
     ref = json.loads((single / "result-0.json").read_text())
     ranks = [json.loads((multi / f"result-{r}.json").read_text()) for r in range(2)]
     assert ref["world_size"] == 1 and [r["world_size"] for r in ranks] == [2, 2]
     assert ref["n_data"] == 24
     assert len(ref["margliks"]) == 3 * 5
+    assert ref["scores"] == (24 if subset else 0)  # every example's curvature recorded
     for got in ranks:
         assert got["n_data"] == ref["n_data"]
+        # its shards of the three epochs (reshuffled each epoch); gathered before each draw
+        assert 12 <= got["scores"] <= 24 if subset else got["scores"] == 0
         for key in ("margliks", "prior_precision", "log_marglik", "curvature", "params"):
             _close(got[key], ref[key])
     # every process holds exactly the same hyperparameters
