@@ -14,6 +14,8 @@ Public API:
 - :func:`calibration_metrics` — accuracy, NLL, ECE and Brier score of predicted probabilities.
 """
 
+import importlib
+
 from .laplace import Laplace
 from .marglik import marglik_training
 from .metrics import calibration_metrics
@@ -27,8 +29,24 @@ from .options import (
     PriorStructure,
     SubsetSampling,
 )
-from .trainer import MargLikTrainer
-from .training_args import MargLikTrainingArguments
+
+# The Trainer classes load transformers.Trainer, which brings datasets, pandas and pyarrow
+# (about 85 MB resident): imported on first use, so that Laplace and marglik_training alone
+# do not pay for them.
+_LAZY = {"MargLikTrainer": ".trainer", "MargLikTrainingArguments": ".training_args"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
+
 
 __all__ = [
     "MargLikTrainer",
