@@ -192,3 +192,29 @@ def test_subset_sampling_options(tmp_path):
     uniform = _bert_trainer(tmp_path, marglik_subset=0.5, marglik_subset_sampling="uniform")
     uniform.train()
     assert uniform._curvature_subset is None and len(uniform._fit_dataset) == 8
+
+
+def test_resume_mid_epoch_restores_recorded_curvature(tmp_path):
+    """A run resumed from a checkpoint in the middle of epoch 2 ends with exactly the
+    hyperparameters of the uninterrupted run: the curvature recorded in the first half of the
+    epoch (which the resumed run does not see again before the epoch's fit) comes back with the
+    checkpoint; without it the subset drawn at the end of epoch 2 would differ."""
+    kw = dict(
+        marglik_subset=0.5,
+        per_device_train_batch_size=4,
+        save_strategy="steps",
+        save_steps=6,
+        restore_best_marglik=False,
+    )
+    full = _bert_trainer(tmp_path / "full", **kw)
+    full.train()
+    ckpt = tmp_path / "full" / "out" / "checkpoint-6"  # 4 steps per epoch: mid epoch 2
+    assert (ckpt / "marglik_state.pt").is_file()
+    resumed = _bert_trainer(tmp_path / "resumed", **kw)
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    assert resumed._curvature_subset.scores == full._curvature_subset.scores
+    expected = torch.tensor(full.hyperparameters()["prior_precision"])
+    got = torch.tensor(resumed.hyperparameters()["prior_precision"])
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=0)
+    state = torch.load(ckpt / "marglik_state.pt", weights_only=True)
+    assert state["subset_scores"]["keys"].numel() == 16
