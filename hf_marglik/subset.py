@@ -157,7 +157,7 @@ class CurvatureSubset:
             )
         idx, weights = draw(pi, g)
         if keys is None:  # equal weights: the rescaling to the full data count does it
-            return _select(self.dataset, idx), None
+            return select_examples(self.dataset, idx), None
         table = {keys[i]: w for i, w in zip(idx, weights)}
         mean = sum(weights) / len(weights)
         key_x = self.dict_key_x
@@ -173,7 +173,7 @@ class CurvatureSubset:
                 )
             return torch.tensor([mean if w is None else w for w in got], dtype=torch.float64)
 
-        return _select(self.dataset, idx), example_weights
+        return select_examples(self.dataset, idx), example_weights
 
     def _gathered(self) -> dict[int, float]:
         """The scores recorded by all data-parallel processes (each saw its shard)."""
@@ -203,7 +203,8 @@ class CurvatureSubset:
         self.seen_at = dict(zip(keys, sd["seen_at"].tolist()))
 
 
-def _select(dataset, idx: list[int]):
+def select_examples(dataset, idx: list[int]):
+    """The examples ``idx`` of a ``datasets.Dataset`` or a torch dataset."""
     if hasattr(dataset, "select"):  # datasets.Dataset
         return dataset.select(idx)
     return torch.utils.data.Subset(dataset, idx)

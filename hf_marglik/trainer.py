@@ -38,7 +38,7 @@ from .options import HessianStructure, Likelihood, PriorStructure, SubsetSamplin
 from .parallel import check_parallelism
 from .params import trainable_parameters
 from .preemption import SigtermCheckpointCallback
-from .subset import CurvatureSubset, subset_size
+from .subset import CurvatureSubset, select_examples, subset_size
 from .training_args import MargLikTrainingArguments
 
 STATE_NAME = "marglik_state.pt"
@@ -267,10 +267,7 @@ class MargLikTrainer(Trainer):
         k = subset_size(s, len(dataset))
         n = len(dataset)
         idx = sorted(torch.randperm(n, generator=torch.Generator().manual_seed(self.args.seed))[:k])
-        idx = [int(i) for i in idx]
-        if hasattr(dataset, "select"):  # datasets.Dataset
-            return dataset.select(idx)
-        return torch.utils.data.Subset(dataset, idx)
+        return select_examples(dataset, [int(i) for i in idx])
 
     def _check_schedule(self) -> None:
         a = self.args

@@ -63,7 +63,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import join_section, load_average, peak_rss_mb, rss_reset, split_section
+from benchlib import (
+    join_section,
+    load_average,
+    peak_rss_mb,
+    print_summary,
+    rss_reset,
+    split_section,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -962,11 +969,7 @@ def orchestrate(args, cfg: dict) -> int:
     load_after = load_average()
     minutes = (time.time() - t_start) / 60
     out = table.render()
-    print()
-    print(out)
-    for n in notes:
-        print("- " + n)
-    print(f"load average before {load_before}, after {load_after}; {minutes:.1f} min")
+    print_summary(out, notes, load_before, load_after, minutes)
     if args.json:
         args.json.write_text(json.dumps({"settings": cfg, "machine": info, "raw": raw}, indent=1))
     if args.write_md:

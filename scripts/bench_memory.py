@@ -74,7 +74,14 @@ import sys
 import time
 from pathlib import Path
 
-from benchlib import join_section, load_average, rss_reset, split_section, status_mb
+from benchlib import (
+    join_section,
+    load_average,
+    print_summary,
+    rss_reset,
+    split_section,
+    status_mb,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -377,11 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     load_after = load_average()
     minutes = (time.time() - t_start) / 60
-    print()
-    print(table)
-    for n in notes:
-        print("- " + n)
-    print(f"load average before {load_before}, after {load_after}; {minutes:.1f} min")
+    print_summary(table, notes, load_before, load_after, minutes)
     if args.write_md:
         write_markdown(args, table, notes, load_before, load_after, minutes)
     return 0

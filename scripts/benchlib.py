@@ -83,3 +83,12 @@ def replace_section(path: Path, heading: str, body: str) -> None:
     before, _, after = split_section(text, heading)
     path.write_text(join_section(before, body, after))
     print(f"wrote {path}")
+
+
+def print_summary(table: str, notes: list[str], load_before: str, load_after: str, minutes: float):
+    """Print a benchmark's table, its notes and the load average around the run."""
+    print()
+    print(table)
+    for n in notes:
+        print("- " + n)
+    print(f"load average before {load_before}, after {load_after}; {minutes:.1f} min")

@@ -20,13 +20,7 @@ from hf_marglik.training_args import MargLikTrainingArguments
 peft = pytest.importorskip("peft")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One thread is much faster for tiny models on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _args(tmp_path, **kw) -> MargLikTrainingArguments:
