@@ -28,22 +28,21 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import asdl
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
-from .batches import Targets
+from . import batches as B
+from .columns import check_outputs, loss_columns, per_position
 from .factors import DenseFactor, SketchedFactor, new_factor
-from .options import Backend, HessianStructure, KFACApprox
-
-MAX_EXACT_OUTPUTS = 1024
-MAX_REDUCED_OUTPUTS = 64  # exact GGN: C − 1 columns up to here (a C × C eigh per data point)
+from .options import Backend, HessianStructure, KFACApprox, Likelihood
+from .posterior import DiagPosterior, EigFactor, FullPosterior, KronPosterior, Posterior
 
 
 @dataclass
@@ -88,82 +87,6 @@ def linear_sites(model: nn.Module, params: list[tuple[str, nn.Parameter]]) -> li
     return sites
 
 
-def check_outputs(n_outputs: int, backend: Backend) -> None:
-    if backend == Backend.GGN and n_outputs > MAX_EXACT_OUTPUTS:
-        raise ValueError(
-            f"backend='ggn' (exact GGN) needs one backward pass per output and the model has "
-            f"{n_outputs} outputs (a vocabulary?). Use backend='ggn-mc' (Monte-Carlo GGN, one "
-            "backward per sample) or backend='ef'."
-        )
-
-
-def _softmax_hessian_root(p: Tensor) -> list[Tensor]:
-    """``C − 1`` columns ``s`` with ``Σ_s s sᵀ = diag(p) − p pᵀ`` (per example), one fewer
-    backward pass than the ``C`` columns ``√p_c (e_c − p)``: the Hessian has rank ``C − 1``
-    (``1`` is in its kernel), so it is ``U M Uᵀ`` for an orthonormal basis ``U`` of ``1^⊥`` and
-    ``M = Uᵀ H U`` (``C − 1`` square), and the columns are ``U V √Λ`` from ``M = V Λ Vᵀ``."""
-    C = p.shape[-1]
-    q = p.double()
-    H = torch.diag_embed(q) - q.unsqueeze(-1) * q.unsqueeze(-2)
-    # U: the last C − 1 columns of the Q factor of [1, I] (orthonormal, orthogonal to 1)
-    ones = torch.ones(C, 1, dtype=q.dtype, device=q.device)
-    U = torch.linalg.qr(torch.cat([ones, torch.eye(C, dtype=q.dtype, device=q.device)], 1))[0]
-    U = U[:, 1:]
-    lam, V = torch.linalg.eigh(U.T @ H @ U)
-    S = (U @ V) * lam.clamp_min(0).sqrt().unsqueeze(-2)  # (..., C, C − 1)
-    return [S[..., k].to(p.dtype) for k in range(C - 1)]
-
-
-def loss_columns(
-    t: Targets, backend: Backend, n_samples: int = 1, generator: torch.Generator | None = None
-) -> Iterator[Tensor]:
-    """Columns ``s`` (shaped like ``t.logits``) with ``Σ_s s sᵀ`` = the curvature of the loss in
-    the logits at unit noise: exact GGN, Monte-Carlo GGN or empirical Fisher."""
-    f = t.logits.detach()
-    m = t.mask.unsqueeze(-1).to(f.dtype)
-    categorical = t.y.dtype in (torch.long, torch.int, torch.int32)
-    if categorical:
-        p = torch.softmax(f, dim=-1)
-        if backend == Backend.GGN and 1 < f.shape[-1] <= MAX_REDUCED_OUTPUTS:
-            yield from (s * m for s in _softmax_hessian_root(p))
-        elif backend == Backend.GGN:
-            for c in range(f.shape[-1]):
-                s = -p * p[..., c : c + 1].sqrt()
-                s[..., c] += p[..., c].sqrt()
-                yield s * m
-        elif backend == Backend.GGN_MC:
-            flat = p.reshape(-1, p.shape[-1])
-            for _ in range(n_samples):
-                y = torch.multinomial(flat, 1, generator=generator).reshape(p.shape[:-1])
-                onehot = nn.functional.one_hot(y, p.shape[-1]).to(f.dtype)
-                yield (p - onehot) * m / math.sqrt(n_samples)
-        else:
-            yield (p - nn.functional.one_hot(t.y, p.shape[-1]).to(f.dtype)) * m
-    else:
-        if backend == Backend.GGN:
-            for c in range(f.shape[-1]):
-                s = torch.zeros_like(f)
-                s[..., c] = 1.0
-                yield s * m
-        elif backend == Backend.GGN_MC:
-            for _ in range(n_samples):
-                eps = torch.randn(f.shape, generator=generator, dtype=f.dtype, device=f.device)
-                yield eps * m / math.sqrt(n_samples)
-        else:
-            yield (f - t.y) * m
-
-
-def per_position(columns: Iterator[Tensor], mask: Tensor) -> Iterator[Tensor]:
-    """Split each column of a token-level likelihood into one column per position, so that
-    per-example gradients are per target token (exact ``full``/``diag`` for causal LMs)."""
-    positions = mask.any(0).nonzero().flatten().tolist()
-    for s in columns:
-        for t in positions:
-            single = torch.zeros_like(s)
-            single[:, t] = s[:, t]
-            yield single
-
-
 class Recorder:
     """Records the inputs and output gradients of the sites through ASDL's hooks."""
 
@@ -180,7 +103,7 @@ class Recorder:
             warnings.filterwarnings("ignore", message=".*non-full backward hook.*")
             warnings.filterwarnings("ignore", message=".*backward hook.*deprecated.*")
             with asdl.save_inputs_outgrads(model, targets=[s.module for s in self.sites]) as cxt:
-                self._cxt = cxt
+                self._cxt, self.model = cxt, model
                 try:
                     yield self
                 finally:
@@ -215,7 +138,12 @@ class Recorder:
 
 
 class Curvature:
-    """Accumulates the curvature of one fit, batch by batch."""
+    """Accumulates the curvature of one fit, batch by batch.
+
+    K-FAC: ``B[i]`` (``Σ g gᵀ``) per site; input factors ``Σ a aᵀ`` in ``inputs``, site ``i``
+    using ``inputs[a_of[i]]``: sites that read the very same input tensor (LoRA ``A`` of
+    ``q_proj`` and ``v_proj``) share one accumulator, which is then decomposed once.
+    """
 
     def __init__(
         self,
@@ -236,7 +164,8 @@ class Curvature:
         elif structure == HessianStructure.DIAG:
             self.H = torch.zeros(n, dtype=dtype, device=device)
         else:
-            self.A: dict[int, DenseFactor | SketchedFactor] = {}  # site -> Σ a aᵀ
+            self.inputs: list[DenseFactor | SketchedFactor] = []  # Σ a aᵀ, possibly shared
+            self.a_of: dict[int, int] = {}  # site -> index into inputs
             self.B: dict[int, DenseFactor | SketchedFactor] = {}  # site -> Σ g gᵀ
 
     def add(self, inputs: list[Tensor], grads: list[Tensor], mask: Tensor | None) -> None:
@@ -257,9 +186,8 @@ class Curvature:
         """Add the input factors of one forward pass (K-FAC only; once per batch); ``weights``:
         one per example, example ``n``'s rows count ``w_n`` times.
 
-        Layers that read the very same input tensor (LoRA ``A`` of ``q_proj`` and ``v_proj``)
-        share one input factor object: accumulated and eigendecomposed once. Should a later
-        batch feed them different inputs, the shared factor is split first.
+        Sites whose inputs are the same tensor share one accumulator. Should a later batch feed
+        them different inputs, the shared accumulator is split first (each keeps the sum so far).
         """
         if self.structure != HessianStructure.KRON:
             return
@@ -269,22 +197,28 @@ class Curvature:
             if s.weight_index is not None
         }
         for i in keys:
-            for j in keys:
-                if j < i and i in self.A and self.A[i] is self.A[j] and keys[i] != keys[j]:
-                    self.A[i] = copy.deepcopy(self.A[i])
+            shared = [j for j in keys if j < i and self.a_of.get(j, -1) == self.a_of.get(i, -2)]
+            if any(keys[j] != keys[i] for j in shared):
+                self.a_of[i] = len(self.inputs)
+                self.inputs.append(copy.deepcopy(self.inputs[self.a_of[shared[0]]]))
         first: dict[tuple, int] = {}
         done: set[int] = set()
         for i, key in keys.items():
-            if i not in self.A:
+            if i not in self.a_of:
                 j = first.get(key)
-                self.A[i] = self.A[j] if j is not None else self._factor(inputs[i].shape[-1], 2 * i)
+                if j is not None:
+                    self.a_of[i] = self.a_of[j]
+                else:
+                    self.a_of[i] = len(self.inputs)
+                    self.inputs.append(self._factor(inputs[i].shape[-1], 2 * i))
             first.setdefault(key, i)
-            if id(self.A[i]) in done:
+            if self.a_of[i] in done:
                 continue
             rows, count = self._input_rows(inputs[i], mask, weights)
-            self.A[i].add(rows)
-            self.A[i].count += count
-            done.add(id(self.A[i]))
+            factor = self.inputs[self.a_of[i]]
+            factor.add(rows)
+            factor.count += count
+            done.add(self.a_of[i])
 
     def _factor(self, d: int, key: int) -> DenseFactor | SketchedFactor:
         # the sketch's random test matrix depends only on the factor: the same on every process
@@ -335,44 +269,57 @@ class Curvature:
     def all_reduce(self) -> None:
         """Sum the accumulated curvature over the processes of a ``torch.distributed`` group
         (data-parallel fits: each process saw its shard)."""
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        if not _distributed():
             return
         if self.structure != HessianStructure.KRON:
             dist.all_reduce(self.H)
             return
         for i in sorted(self.B):
             self.B[i].all_reduce()
-        for factor in _unique(self.A[i] for i in sorted(self.A)):
+        for factor in self.inputs:
             factor.all_reduce()
             count = torch.tensor(float(factor.count), dtype=torch.float64, device=self.device)
             dist.all_reduce(count)
             factor.count = float(count.item())
 
-    def kron_eigs(self, scale: float = 1.0) -> tuple[list[tuple], int]:
-        """Per trainable tensor (parameter order) ``(λ_B, Q_B, λ_A, Q_A)`` of the factors
-        ``B = scale · Σ g gᵀ`` and ``A = mean a aᵀ`` (``λ_A, Q_A`` None for a bias), and the
-        number of negative eigenvalues (rounding) clipped to 0."""
-        sides = [_side(f) for f in [*self.A.values(), *self.B.values()]]
+    def posterior(self, scale: float = 1.0) -> Posterior:
+        """The fitted curvature ``scale · H`` in its structure's posterior form."""
+        if self.structure == HessianStructure.FULL:
+            H = self.H * scale
+            return FullPosterior(self.sizes, 0.5 * (H + H.T))
+        if self.structure == HessianStructure.DIAG:
+            return DiagPosterior(self.sizes, self.H * scale)
+        sides = [_side(f) for f in [*self.inputs, *self.B.values()]]
         with _one_thread(self.device.type == "cpu" and max(sides, default=0) <= ONE_THREAD_EIGH):
-            return self._kron_eigs(scale)
+            return self._kron_posterior(scale)
 
-    def _kron_eigs(self, scale: float) -> tuple[list[tuple], int]:
-        out: list[tuple | None] = [None] * len(self.sizes)
+    def _kron_posterior(self, scale: float) -> KronPosterior:
+        """Eigendecompositions of ``B = scale · Σ g gᵀ`` per site and ``A = mean a aᵀ`` per input
+        accumulator; negative eigenvalues (rounding) are clipped to 0 and counted."""
+        factors: list[EigFactor] = []
         clipped = 0
-        eigs_of_A: dict[int, tuple] = {}  # shared input factors are decomposed once
+
+        def add(lam: Tensor, Q: Tensor, n_neg: int) -> int:
+            nonlocal clipped
+            clipped += n_neg
+            factors.append(EigFactor(lam, Q))
+            return len(factors) - 1
+
+        a_index = {}  # input accumulator -> factor index (decomposed once)
+        blocks: list[tuple | None] = [None] * len(self.sizes)
         for i, s in enumerate(self.sites):
-            lb, qb, nb = self.B[i].eig(scale)
-            clipped += nb
+            b = add(*self.B[i].eig(scale))
             if s.weight_index is not None:
-                A = self.A[i]
-                if id(A) not in eigs_of_A:
-                    eigs_of_A[id(A)] = A.eig(1.0 / max(A.count, 1))
-                    clipped += eigs_of_A[id(A)][2]
-                la, qa, _ = eigs_of_A[id(A)]
-                out[s.weight_index] = (lb, qb, la, qa)
+                k = self.a_of[i]
+                if k not in a_index:
+                    acc = self.inputs[k]
+                    a_index[k] = add(*acc.eig(1.0 / max(acc.count, 1)))
+                blocks[s.weight_index] = (b, a_index[k])
             if s.bias_index is not None:
-                out[s.bias_index] = (lb, qb, None, None)
-        return out, clipped
+                blocks[s.bias_index] = (b, None)
+        post = KronPosterior(self.sizes, factors, blocks)
+        post.n_clipped = clipped
+        return post
 
 
 ONE_THREAD_EIGH = 1024
@@ -398,13 +345,8 @@ def _one_thread(active: bool):
             torch.set_num_threads(threads)
 
 
-def _unique(objects) -> list:
-    seen, out = set(), []
-    for o in objects:
-        if id(o) not in seen:
-            seen.add(id(o))
-            out.append(o)
-    return out
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def per_example_grads(
@@ -428,3 +370,191 @@ def _position_mask(mask: Tensor | None, a3: Tensor) -> Tensor | None:
     if mask is None or mask.ndim != 2 or tuple(mask.shape) != tuple(a3.shape[:2]):
         return None
     return mask.bool()
+
+
+# ---------------------------------------------------------------------------- the data pass
+@dataclass
+class FitResult:
+    """What one pass over the data gives: the posterior's curvature, the summed loss (at unit
+    noise), the data count and the number of outputs per data point."""
+
+    posterior: Posterior
+    loss: Tensor
+    n_data: int
+    n_outputs: int | None
+
+
+@dataclass
+class CurvatureSettings:
+    """How the curvature of a fit is computed (the options of :class:`~hf_marglik.Laplace`)."""
+
+    likelihood: Likelihood
+    structure: HessianStructure
+    backend: Backend
+    kfac_approx: KFACApprox
+    dict_key_x: str
+    dict_key_y: str
+    n_mc_samples: int = 1
+    factor_rank: int | None = None
+
+
+def fit_curvature(
+    model: nn.Module,
+    loader,
+    params: list[Tensor],
+    sites: list[LinearSite],
+    settings: CurvatureSettings,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    n_data: int | None = None,
+    generator: torch.Generator | None = None,
+    example_weights=None,
+    progress_bar: bool = False,
+) -> FitResult:
+    """One pass over ``loader`` in eval mode: the loss and the curvature at the current
+    parameters, summed over data-parallel processes. ``n_data`` (the data points of the whole
+    training set when ``loader`` covers a subset) rescales both by ``n_data / counted``;
+    ``example_weights(batch)`` gives one weight per example (see ``Laplace.fit``). The model's
+    train/eval mode, ``requires_grad`` flags and ``.grad`` are restored, also when it raises."""
+    sizes = [p.numel() for p in params]
+    curv = Curvature(
+        sites, sizes, settings.structure, settings.kfac_approx, dtype, device, settings.factor_rank
+    )
+    loss = torch.zeros((), dtype=dtype, device=device)
+    counted, n_outputs = 0.0, None
+    was_training = model.training
+    flags = [p.requires_grad for p in model.parameters()]
+    grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+    model.eval()
+    try:
+        rec = Recorder(sites, dtype)
+        with rec.recording(model):
+            for batch in tqdm(loader, desc="Curvature fit", disable=not progress_bar):
+                w = None if example_weights is None else example_weights(batch)
+                n, k = _fit_batch(rec, curv, batch, params, settings, generator, loss, w, device)
+                counted, n_outputs = counted + n, k
+    finally:
+        model.train(was_training)
+        for p, flag, g in zip(model.parameters(), flags, grads):
+            p.requires_grad_(flag)
+            p.grad = g
+    if _distributed():
+        curv.all_reduce()
+        dist.all_reduce(loss)
+        total = torch.tensor(float(counted), dtype=torch.float64, device=device)
+        dist.all_reduce(total)
+        counted = float(total.item())
+        n_outputs = _max_over_processes(n_outputs, device)  # a process may have no batch
+    if counted == 0:
+        raise ValueError("The data has no data points (all targets are -100 or empty).")
+    scale = 1.0 if n_data is None else n_data / counted
+    return FitResult(
+        curv.posterior(scale),
+        loss * scale,
+        round(counted) if n_data is None else int(n_data),
+        n_outputs,
+    )
+
+
+def _fit_batch(rec, curv, batch, params, settings, generator, loss, w, device):
+    inputs, y = B.split_batch(batch, settings.dict_key_x, settings.dict_key_y)
+    inputs, y = B.to_device(inputs, device), B.to_device(y, device)
+    mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
+    with torch.enable_grad():
+        logits = B.call_model(rec.model, inputs, settings.dict_key_x)
+        t = B.targets_for(logits, y, settings.likelihood, mask)
+        if settings.likelihood != Likelihood.REGRESSION:
+            check_outputs(logits.shape[-1], settings.backend)
+        wp = None if w is None else _point_weights(w, t, curv.dtype)
+        loss += B.nll_sum(t, wp).detach().to(curv.dtype)
+        acts = rec.inputs()
+        curv.add_inputs(acts, mask, w)
+        cols = loss_columns(t, settings.backend, settings.n_mc_samples, generator)
+        if settings.likelihood == Likelihood.CAUSAL_LM and settings.backend != Backend.GGN_MC:
+            # each token is its own data point: its loss-Hessian columns are backpropagated
+            # alone, so no cross terms between tokens enter (Monte-Carlo columns sampled
+            # independently per token have none in expectation and go all at once)
+            cols = per_position(cols, t.mask)
+        cols = list(cols)
+        root = None if wp is None else wp.sqrt().unsqueeze(-1)
+        for j, s in enumerate(cols):
+            s = s if root is None else s * root.to(s.dtype)
+            torch.autograd.grad(
+                t.logits,
+                params,
+                grad_outputs=s.to(t.logits.dtype),
+                retain_graph=j < len(cols) - 1,
+                allow_unused=True,
+            )
+            curv.add(acts, rec.output_grads(acts), mask)
+    n = t.n_data if wp is None else float((wp * t.mask).sum())
+    return n, int(logits.shape[-1])
+
+
+def _point_weights(w, t: B.Targets, dtype: torch.dtype) -> Tensor:
+    """Per-example weights broadcast to the data points of ``t`` (positions, for a causal LM)."""
+    w = torch.as_tensor(w, device=t.logits.device).to(dtype).reshape(-1)
+    if w.numel() != t.mask.shape[0]:
+        raise ValueError(
+            f"example_weights returned {w.numel()} weights for a batch of {t.mask.shape[0]} "
+            "examples; return one weight per example."
+        )
+    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+        raise ValueError("example_weights must be finite and non-negative.")
+    return w.reshape(-1, *([1] * (t.mask.ndim - 1))).expand(t.mask.shape)
+
+
+def _max_over_processes(n: int | None, device: torch.device) -> int | None:
+    t = torch.tensor([-1 if n is None else n], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return None if int(t) < 0 else int(t)
+
+
+# ---------------------------------------------------------------------------- Jacobians
+def output_jacobians(
+    model: nn.Module,
+    inputs,
+    params: list[Tensor],
+    sites: list[LinearSite],
+    dict_key_x: str,
+    dtype: torch.dtype,
+    max_outputs: int,
+) -> tuple[Tensor, list[Tensor]]:
+    """The outputs ``(n, k)`` of ``model`` on ``inputs`` (in eval mode) and, per trainable
+    tensor, the Jacobian of the outputs in it, ``(n·k, numel)`` with rows ordered example-major:
+    one backward pass per output, per-example gradients from the recorded layer inputs and
+    output gradients."""
+    was_training = model.training
+    model.eval()
+    rec = Recorder(sites, dtype)
+    try:
+        with rec.recording(model), torch.enable_grad():
+            logits = B.call_model(model, inputs, dict_key_x)
+            if logits.ndim != 2:
+                raise ValueError(
+                    f"pred_type='glm' needs outputs (batch, k); got {tuple(logits.shape)}. For "
+                    "token-level outputs use pred_type='nn'."
+                )
+            n, k = logits.shape
+            if k > max_outputs:
+                raise ValueError(
+                    f"pred_type='glm' takes one backward pass per output and the model has {k}; "
+                    f"the limit is {max_outputs}. Use pred_type='nn' (parameter samples)."
+                )
+            acts = rec.inputs()
+            rows: list[list[Tensor]] = []
+            for c in range(k):
+                e = torch.zeros_like(logits)
+                e[:, c] = 1.0
+                torch.autograd.grad(
+                    logits, params, grad_outputs=e, retain_graph=c < k - 1, allow_unused=True
+                )
+                rows.append(per_example_grads(sites, len(params), acts, rec.output_grads(acts)))
+    finally:
+        model.train(was_training)
+    # rows ordered (n, k): example-major, so per-example blocks lie on the diagonal
+    chunks = [
+        torch.stack([r[i] for r in rows], dim=1).reshape(n * k, -1) for i in range(len(params))
+    ]
+    return logits.detach().to(dtype), chunks

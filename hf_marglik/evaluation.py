@@ -24,7 +24,13 @@ def calibration_report(
             inputs = B.to_device(inputs, lap.device)
             with torch.no_grad():
                 logits = B.call_model(model, inputs, lap.dict_key_x)
-            probs = lap(inputs, pred_type, link_approx, n_samples, generator)
+            probs = lap(
+                inputs,
+                pred_type=pred_type,
+                link_approx=link_approx,
+                n_samples=n_samples,
+                generator=generator,
+            )
             keep = y != B.IGNORE_INDEX
             map_probs.append(torch.softmax(logits.double(), -1)[keep.to(logits.device)].cpu())
             lap_probs.append(probs.double()[keep.to(probs.device)].cpu())

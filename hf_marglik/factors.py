@@ -60,8 +60,11 @@ class DenseFactor:
 
     def eig(self, scale: float) -> tuple[Tensor, Tensor, int]:
         """Eigenvalues (ascending, negatives from rounding clipped to 0), eigenvectors and the
-        number clipped, of ``scale · M``."""
+        number clipped, of ``scale · M``. A matrix with NaN or Inf is not decomposed (``eigh``
+        raises on some platforms and returns NaN on others): its eigenvalues are NaN."""
         M = self.M * scale
+        if not bool(torch.isfinite(M).all()):
+            return _not_finite(M.shape[0], M.shape[0], M)
         lam, Q = torch.linalg.eigh(0.5 * (M + M.T))
         return lam.clamp_min(0.0), Q, int((lam < 0).sum())
 
@@ -90,7 +93,9 @@ class SketchedFactor:
     def eig(self, scale: float) -> tuple[Tensor, Tensor, int]:
         """``λ`` of length ``d``: the ``rank`` leading eigenvalues of ``scale · M`` (descending)
         then the tail's eigenvalues (:func:`plateau_tail`, descending); ``Q``: the ``rank``
-        leading eigenvectors."""
+        leading eigenvectors (NaN eigenvalues for a sketch with NaN or Inf)."""
+        if not (bool(torch.isfinite(self.Y).all()) and bool(torch.isfinite(self.trace))):
+            return _not_finite(self.d, self.rank, self.Y)
         Y, omega = self.Y.double() * scale, self.omega.double()
         nu = torch.finfo(torch.float64).eps * max(float(torch.linalg.norm(Y)), 1e-300)
         Y_nu = Y + nu * omega
@@ -105,6 +110,13 @@ class SketchedFactor:
         top, tail = plateau_tail(lam, self.d, trace, trace_sq)
         full = torch.cat([top, tail])
         return full.to(self.Y.dtype), Q.to(self.Y.dtype).contiguous(), 0
+
+
+def _not_finite(d: int, k: int, like: Tensor) -> tuple[Tensor, Tensor, int]:
+    """NaN eigenvalues and placeholder eigenvectors for a factor that holds NaN or Inf: the
+    marginal likelihood is then NaN and the fit is rejected (:func:`hf_marglik.loop.checked_fit`)."""
+    lam = torch.full((d,), float("nan"), dtype=like.dtype, device=like.device)
+    return lam, torch.eye(d, k, dtype=like.dtype, device=like.device), 0
 
 
 def plateau_tail(lam: Tensor, d: int, trace: float, trace_sq: float) -> tuple[Tensor, Tensor]:

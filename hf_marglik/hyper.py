@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .batches import split_batch, targets_for
 from .options import Likelihood, PriorStructure, coerce
-from .params import prior_quadratic, prior_size
+from .prior import Prior
 
 
 def check_settings(
@@ -102,6 +102,12 @@ def count_data_points(
     return int(n)
 
 
+def likelihood_scale(likelihood: Likelihood) -> float:
+    """Factor from :func:`batches.nll_sum` to the summed training criterion: 1 for cross-entropy,
+    2 for regression (``nll_sum`` is ``½‖f − y‖²``; laplace-torch trains on the squared error)."""
+    return 2.0 if likelihood == Likelihood.REGRESSION else 1.0
+
+
 class HyperOptimizer:
     """Log prior precision and log observation noise, with one Adam whose state persists across
     marginal-likelihood steps.
@@ -146,7 +152,8 @@ class HyperOptimizer:
         self.prior_structure = coerce(PriorStructure, prior_structure, "prior_structure")
         self.temperature = float(temperature)
         self.sigma_noise_init = float(sigma_noise_init)
-        n_prec = prior_size(self.prior_structure, list(sizes))
+        self.sizes = list(sizes)
+        n_prec = Prior.size(self.prior_structure, self.sizes)
         dtype = torch.get_default_dtype() if dtype is None else dtype
         init = math.log(temperature * prior_prec_init)
         self.log_prior_prec = torch.full((n_prec,), init, device=device, dtype=dtype)
@@ -191,15 +198,18 @@ class HyperOptimizer:
 
     @property
     def likelihood_scale(self) -> float:
-        """Factor from :func:`batches.nll_sum` to the summed training criterion: 1 for
-        cross-entropy, 2 for regression (``nll_sum`` is ``½‖f − y‖²``; laplace-torch trains on the
-        squared error)."""
-        return 2.0 if self.likelihood == Likelihood.REGRESSION else 1.0
+        """:func:`likelihood_scale` of this likelihood."""
+        return likelihood_scale(self.likelihood)
+
+    @property
+    def prior(self) -> Prior:
+        """The current prior (detached)."""
+        return Prior(self.prior_precision, self.sizes)
 
     def prior_term(self, params: list[Tensor]) -> Tensor:
         """``½ θᵀPθ / crit_factor`` at the current precision, differentiable in ``params``."""
-        prec = self.prior_precision.to(params[0].dtype)
-        return 0.5 * prior_quadratic(prec, params) / self.crit_factor
+        prior = Prior(self.prior_precision.to(params[0].dtype), self.sizes)
+        return 0.5 * prior.quadratic(params) / self.crit_factor
 
     def step(self, lap, n_hypersteps: int) -> list[float]:
         """Take ``n_hypersteps`` Adam steps on ``−lap.log_marginal_likelihood(δ, σ)``.

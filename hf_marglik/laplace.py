@@ -12,89 +12,39 @@ where ``L`` is the summed loss (cross-entropy, or ``½‖f − y‖²`` for regr
 isotropic prior ``δ`` per block, ``log det(f·B⊗A + δI) = Σ_ij log(f·λ_i(B)·λ_j(A) + δ)``: the
 factors are eigendecomposed once per :meth:`Laplace.fit`, so the marginal likelihood and its
 gradients in ``(P, σ)`` are cheap to evaluate many times.
+
+The curvature lives in a :class:`~hf_marglik.posterior.Posterior` (one class per structure);
+the prior in a :class:`~hf_marglik.prior.Prior`. :class:`Laplace` answers laplace-torch's
+``BaseLaplace`` API through them (``scatter``, ``log_det_ratio``, ``posterior_precision``,
+``sample``, ``functional_variance``, ``predictive_samples``, ``log_prob``,
+``optimize_prior_precision``, ``__call__``).
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from . import batches as B
-from .curvature import Curvature, Recorder, check_outputs, linear_sites, loss_columns, per_position
+from .checkpoint import save_torch
+from .curvature import CurvatureSettings, fit_curvature, linear_sites, output_jacobians
 from .options import Backend, HessianStructure, KFACApprox, Likelihood, PriorStructure, coerce
-from .params import (
-    infer_prior_structure,
-    per_parameter,
-    prior_quadratic,
-    prior_size,
-    trainable_parameters,
-)
+from .posterior import MAX_DENSE_BLOCK, KronPosterior, Posterior, posterior_from_state
+from .prior import Prior, trainable_parameters
 
-MAX_DENSE_BLOCK = 8192
-"""Largest K-FAC block (parameters of one tensor) for which a diagonal prior is handled by a
-dense Cholesky factorisation."""
+__all__ = ["Laplace", "MAX_DENSE_BLOCK", "default_kfac_approx"]
 
-
-def _point_weights(w, t: B.Targets, dtype: torch.dtype) -> Tensor:
-    """Per-example weights broadcast to the data points of ``t`` (positions, for a causal LM)."""
-    w = torch.as_tensor(w, device=t.logits.device).to(dtype).reshape(-1)
-    if w.numel() != t.mask.shape[0]:
-        raise ValueError(
-            f"example_weights returned {w.numel()} weights for a batch of {t.mask.shape[0]} "
-            "examples; return one weight per example."
-        )
-    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
-        raise ValueError("example_weights must be finite and non-negative.")
-    return w.reshape(-1, *([1] * (t.mask.ndim - 1))).expand(t.mask.shape)
-
-
-def _max_over_processes(n: int | None, device: torch.device) -> int | None:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return n
-    t = torch.tensor([-1 if n is None else n], dtype=torch.int64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return None if int(t) < 0 else int(t)
+MAX_GLM_OUTPUTS = 64
+"""``pred_type='glm'`` takes one backward pass per output: refused above this many outputs."""
 
 
 def default_kfac_approx(likelihood: Likelihood) -> KFACApprox:
     """``expand`` for every likelihood, as measured (BENCHMARKS.md, "K-FAC fidelity": relative
-    error of ``log det(I + H/δ)`` against the exact GGN on small LoRA models).
-
-    Classification: expand was closer than reduce in every seed and prior tried (0.10–0.26 vs
-    0.13–0.27; a small margin). Causal LM: expand is the exact choice for per-token losses
-    (Eschenhagen et al., 2023) and was closer on GPT-2 (0.14–0.33 vs 0.49–0.66), while reduce was
-    closer on the tiny LLaMA (0.07–0.10 vs 0.22–0.42): the tiny models do not settle it, and the
-    theory decides until a measurement on a real model does.
-    """
+    error of ``log det(I + H/δ)`` against the exact GGN on small LoRA models). Causal LM: expand
+    is the exact choice for per-token losses (Eschenhagen et al., 2023)."""
     return KFACApprox.EXPAND
-
-
-def _truncate(lam: Tensor, Q: Tensor, rank: int) -> tuple[Tensor, Tensor]:
-    """Leading ``rank`` eigenpairs first, then the mean of the rest repeated (``eigh`` order is
-    ascending)."""
-    k = Q.shape[1]
-    if k <= rank or k < lam.numel():  # small, or already compressed
-        return lam, Q
-    order = torch.argsort(lam, descending=True)
-    lam, Q = lam[order], Q[:, order]
-    rest = lam[rank:].mean()
-    return torch.cat([lam[:rank], rest.expand(lam.numel() - rank)]), Q[:, :rank].contiguous()
-
-
-def _factor_dense(lam: Tensor, Q: Tensor) -> Tensor:
-    """The dense factor from its (possibly compressed) eigendecomposition: eigenvalues without
-    stored eigenvectors act as their mean on the complement of ``Q`` (see ``_half_kron``)."""
-    k = Q.shape[1]
-    M = Q @ torch.diag(lam[:k]) @ Q.T
-    if k < lam.numel():
-        M = M + lam[k:].mean() * (torch.eye(Q.shape[0], dtype=Q.dtype, device=Q.device) - Q @ Q.T)
-    return M
 
 
 class Laplace:
@@ -112,7 +62,7 @@ class Laplace:
         temperature: the likelihood is divided by it (``f = 1 / (σ² T)``).
         backend: ``"ggn"`` (exact GGN), ``"ggn-mc"`` (Monte-Carlo GGN) or ``"ef"``.
         kfac_approx: ``"expand"`` or ``"reduce"`` for layers applied at every position; by default
-            expand, the measured better choice (:func:`default_kfac_approx`).
+            expand (:func:`default_kfac_approx`).
         dict_key_x, dict_key_y: keys of the model input and the targets in dict batches.
         n_mc_samples: samples per example for ``"ggn-mc"``.
         enable_backprop: laplace-torch's flag to make the marginal likelihood differentiable in
@@ -169,52 +119,65 @@ class Laplace:
         self.temperature = float(temperature)
         named = trainable_parameters(model)
         self.param_names = [n for n, _ in named]
-        self._params = [p for _, p in named]
-        self._sizes = [p.numel() for p in self._params]
-        self._sites = linear_sites(model, named)
-        self.dtype = torch.float64 if self._params[0].dtype == torch.float64 else torch.float32
-        self.device = self._params[0].device
-        if prior_structure is not None:
+        self.params = [p for _, p in named]
+        """The trainable tensors the posterior is over (``named_parameters`` order)."""
+        self.sizes = [p.numel() for p in self.params]
+        self.sites = linear_sites(model, named)
+        self.dtype = torch.float64 if self.params[0].dtype == torch.float64 else torch.float32
+        self.device = self.params[0].device
+        prec = torch.as_tensor(prior_precision, dtype=self.dtype).reshape(-1)
+        if prior_structure is not None and prec.numel() == 1:
             structure = coerce(PriorStructure, prior_structure, "prior_structure")
-            prec = torch.as_tensor(prior_precision, dtype=self.dtype).reshape(-1)
-            if prec.numel() == 1:
-                prec = prec.expand(prior_size(structure, self._sizes)).clone()
-        else:
-            prec = torch.as_tensor(prior_precision, dtype=self.dtype).reshape(-1)
+            prec = prec.expand(Prior.size(structure, self.sizes)).clone()
         self.prior_precision = prec
         self.sigma_noise = sigma_noise
+        self.posterior: Posterior | None = None
+        """The fitted curvature (None before :meth:`fit`)."""
         self.n_data: int | None = None
         self.n_outputs: int | None = None
         self.loss: Tensor | None = None
-        self.n_clipped = 0
+        self._mean: Tensor | None = None
+        self._mean_sq: tuple[Tensor, Tensor] | None = None
 
     # ----------------------------------------------------------------- hyperparameters
     @property
     def n_params(self) -> int:
-        return sum(self._sizes)
+        return sum(self.sizes)
 
     @property
     def n_layers(self) -> int:
-        return len(self._sizes)
+        return len(self.sizes)
+
+    @property
+    def prior(self) -> Prior:
+        """The prior precision with its layout over the trainable tensors."""
+        return self._prior
 
     @property
     def prior_structure(self) -> PriorStructure:
-        return infer_prior_structure(self._prior_precision.numel(), self._sizes)
+        return self._prior.structure
 
     @property
     def prior_precision(self) -> Tensor:
-        return self._prior_precision
+        return self._prior.values
 
     @prior_precision.setter
     def prior_precision(self, value: float | Tensor) -> None:
-        self._prior_precision = self._check_precision(value)
-
-    def _check_precision(self, value) -> Tensor:
         prec = torch.as_tensor(value, dtype=self.dtype, device=self.device).reshape(-1)
-        infer_prior_structure(prec.numel(), self._sizes)
+        prior = Prior(prec, self.sizes)  # a length that fits no structure is a ValueError
         if not torch.isfinite(prec).all() or not (prec > 0).all():
             raise ValueError(f"prior_precision must be positive and finite; got {value}.")
-        return prec
+        self._prior = prior
+
+    @property
+    def prior_precision_diag(self) -> Tensor:
+        """``diag(P)``: one prior precision per parameter (laplace-torch's name)."""
+        return self._prior.per_parameter()
+
+    @property
+    def prior_mean(self) -> float:
+        """The prior is zero-mean (laplace-torch's ``prior_mean``)."""
+        return 0.0
 
     @property
     def sigma_noise(self) -> Tensor:
@@ -222,9 +185,6 @@ class Laplace:
 
     @sigma_noise.setter
     def sigma_noise(self, value: float | Tensor) -> None:
-        self._sigma_noise = self._check_sigma(value)
-
-    def _check_sigma(self, value) -> Tensor:
         sigma = torch.as_tensor(value, dtype=self.dtype, device=self.device).reshape(())
         if not torch.isfinite(sigma) or not sigma > 0:
             raise ValueError(f"sigma_noise must be positive and finite; got {value}.")
@@ -233,17 +193,24 @@ class Laplace:
                 f"sigma_noise={float(sigma)} only applies to likelihood='regression'; leave it at "
                 "1.0 for categorical likelihoods."
             )
-        return sigma
+        self._sigma_noise = sigma
 
-    def _H_factor(self, sigma: Tensor) -> Tensor:
+    def likelihood_factor(self, sigma_noise: Tensor | None = None) -> Tensor:
+        """``f = 1 / (σ² T)``, the factor of the curvature and the loss in the log posterior."""
+        sigma = self.sigma_noise if sigma_noise is None else sigma_noise
         return 1.0 / (sigma * sigma * self.temperature)
 
     @property
     def mean(self) -> Tensor:
         """The trainable parameters at the time of the fit, as one flat detached vector."""
-        if not hasattr(self, "_mean"):
-            return torch.cat([p.detach().reshape(-1) for p in self._params]).to(self.dtype)
+        if self._mean is None:
+            return torch.cat([p.detach().reshape(-1) for p in self.params]).to(self.dtype)
         return self._mean
+
+    @property
+    def n_clipped(self) -> int:
+        """Negative K-FAC eigenvalues (rounding) clipped to 0 by the last fit."""
+        return 0 if self.posterior is None else self.posterior.n_clipped
 
     # ----------------------------------------------------------------- fitting
     def fit(
@@ -264,123 +231,37 @@ class Laplace:
         The model's train/eval mode, ``requires_grad`` flags and ``.grad`` are restored
         afterwards, also when the pass raises.
         """
-        model = self.model
-        was_training = model.training
-        flags = [p.requires_grad for p in model.parameters()]
-        grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
         generator = None
         if self.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(self.seed)
-        curv = Curvature(
-            self._sites,
-            self._sizes,
+        settings = CurvatureSettings(
+            self.likelihood,
             self.hessian_structure,
+            self.backend,
             self.kfac_approx,
-            self.dtype,
-            self.device,
+            self.dict_key_x,
+            self.dict_key_y,
+            self.n_mc_samples,
             self.factor_rank,
         )
-        loss = torch.zeros((), dtype=self.dtype, device=self.device)
-        counted, n_outputs = 0.0, None
-        model.eval()
-        try:
-            rec = Recorder(self._sites, self.dtype)
-            with rec.recording(model):
-                for batch in tqdm(train_loader, desc="Curvature fit", disable=not progress_bar):
-                    w = None if example_weights is None else example_weights(batch)
-                    n, k = self._fit_batch(rec, curv, batch, generator, loss, w)
-                    counted, n_outputs = counted + n, k
-        finally:
-            model.train(was_training)
-            for p, flag, g in zip(model.parameters(), flags, grads):
-                p.requires_grad_(flag)
-                p.grad = g
-        counted = self._all_reduce(curv, loss, counted)
-        n_outputs = _max_over_processes(n_outputs, self.device)  # a process may have no batch
-        if counted == 0:
-            raise ValueError("The data has no data points (all targets are -100 or empty).")
-        scale = 1.0 if n_data is None else n_data / counted
-        self.n_data = round(counted) if n_data is None else int(n_data)
-        self.n_outputs = n_outputs
-        self.loss = loss * scale
-        self._mean = torch.cat([p.detach().reshape(-1) for p in self._params]).to(self.dtype)
-        self._decompose(curv, scale)
-        return self
-
-    @staticmethod
-    def _all_reduce(curv: Curvature, loss: Tensor, counted: float) -> float:
-        """Sum curvature, loss and data count over data-parallel processes (no-op otherwise)."""
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return counted
-        curv.all_reduce()
-        dist.all_reduce(loss)
-        n = torch.tensor(float(counted), dtype=torch.float64, device=loss.device)
-        dist.all_reduce(n)
-        return float(n.item())
-
-    def _fit_batch(
-        self, rec: Recorder, curv: Curvature, batch, generator, loss: Tensor, w: Tensor | None
-    ) -> tuple[float, int]:
-        inputs, y = B.split_batch(batch, self.dict_key_x, self.dict_key_y)
-        inputs, y = B.to_device(inputs, self.device), B.to_device(y, self.device)
-        mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
-        with torch.enable_grad():
-            logits = B.call_model(self.model, inputs, self.dict_key_x)
-            t = B.targets_for(logits, y, self.likelihood, mask)
-            if self.likelihood != Likelihood.REGRESSION:
-                check_outputs(logits.shape[-1], self.backend)
-            wp = None if w is None else _point_weights(w, t, self.dtype)
-            loss += B.nll_sum(t, wp).detach().to(self.dtype)
-            acts = rec.inputs()
-            curv.add_inputs(acts, mask, w)
-            cols = loss_columns(t, self.backend, self.n_mc_samples, generator)
-            if self.likelihood == Likelihood.CAUSAL_LM and self.backend != Backend.GGN_MC:
-                # each token is its own data point: its loss-Hessian columns are backpropagated
-                # alone, so no cross terms between tokens enter (Monte-Carlo columns sampled
-                # independently per token have none in expectation and go all at once)
-                cols = per_position(cols, t.mask)
-            cols = list(cols)
-            root = None if wp is None else wp.sqrt().unsqueeze(-1)
-            for j, s in enumerate(cols):
-                s = s if root is None else s * root.to(s.dtype)
-                torch.autograd.grad(
-                    t.logits,
-                    self._params,
-                    grad_outputs=s.to(t.logits.dtype),
-                    retain_graph=j < len(cols) - 1,
-                    allow_unused=True,
-                )
-                curv.add(acts, rec.output_grads(acts), mask)
-        n = t.n_data if wp is None else float((wp * t.mask).sum())
-        return n, int(logits.shape[-1])
-
-    def _decompose(self, curv: Curvature, scale: float) -> None:
-        self.n_clipped = 0
-        self.__dict__.pop("_dense_blocks", None)
-        if self.hessian_structure == HessianStructure.KRON:
-            blocks, self.n_clipped = curv.kron_eigs(scale)
-            self._set_kron(blocks)
-        elif self.hessian_structure == HessianStructure.FULL:
-            self._H = curv.H * scale
-            self._H = 0.5 * (self._H + self._H.T)
-        else:
-            self._H = curv.H * scale
-
-    def _set_kron(self, blocks: list[tuple]) -> None:
-        """Store K-FAC blocks ``(λ_B, Q_B, λ_A, Q_A)`` (eigenvalues, eigenvectors; ``Q`` may hold
-        only the leading eigenvectors, see :meth:`compress`)."""
-        self._kron = blocks
-        self._kron_eigs = [
-            lb if la is None else torch.outer(lb, la).reshape(-1) for lb, _, la, _ in blocks
-        ]
-        # one flat vector and its block index: the log determinant is then a single fused
-        # expression per hyper-step instead of a handful of small ops per block
-        self._eig_flat = torch.cat(self._kron_eigs)
-        self._eig_block = torch.repeat_interleave(
-            torch.arange(len(blocks), device=self._eig_flat.device),
-            torch.tensor([e.numel() for e in self._kron_eigs], device=self._eig_flat.device),
+        result = fit_curvature(
+            self.model,
+            train_loader,
+            self.params,
+            self.sites,
+            settings,
+            dtype=self.dtype,
+            device=self.device,
+            n_data=n_data,
+            generator=generator,
+            example_weights=example_weights,
+            progress_bar=progress_bar,
         )
-        self.__dict__.pop("_dense_blocks", None)
+        self.posterior, self.loss = result.posterior, result.loss
+        self.n_data, self.n_outputs = result.n_data, result.n_outputs
+        self._mean = torch.cat([p.detach().reshape(-1) for p in self.params]).to(self.dtype)
+        self._mean_sq = None
+        return self
 
     def compress(self, rank: int) -> Laplace:
         """Keep, of every K-FAC factor with more than ``rank`` rows, only its ``rank`` leading
@@ -388,29 +269,18 @@ class Laplace:
         preserves the trace). Storage per factor drops from ``d²`` to ``d·rank``; the marginal
         likelihood, samples and the GLM predictive use the compressed factors exactly as
         stored. Returns ``self``."""
-        self._check_fitted()
-        if self.hessian_structure != HessianStructure.KRON:
+        post = self._fitted()
+        if not isinstance(post, KronPosterior):
             raise ValueError("compress() applies to hessian_structure='kron'.")
         if rank < 1:
             raise ValueError(f"rank={rank} must be at least 1.")
-        cut: dict[int, tuple[Tensor, Tensor]] = {}  # a shared factor is cut once, stays shared
-
-        def truncate(lam: Tensor, Q: Tensor) -> tuple[Tensor, Tensor]:
-            if id(Q) not in cut:
-                cut[id(Q)] = _truncate(lam, Q, rank)
-            return cut[id(Q)]
-
-        self._set_kron(
-            [
-                (*truncate(lb, qb), *((None, None) if la is None else truncate(la, qa)))
-                for lb, qb, la, qa in self._kron
-            ]
-        )
+        self.posterior = post.compress(rank)
         return self
 
-    def _check_fitted(self) -> None:
-        if self.loss is None:
+    def _fitted(self) -> Posterior:
+        if self.posterior is None or self.loss is None:
             raise RuntimeError("Call fit(train_loader) before using the Laplace approximation.")
+        return self.posterior
 
     # ----------------------------------------------------------------- marginal likelihood
     def log_marginal_likelihood(
@@ -420,137 +290,254 @@ class Laplace:
 
         Arguments left out take the stored values; given ones are not stored.
         """
-        self._check_fitted()
-        prec = self.prior_precision if prior_precision is None else prior_precision
+        post = self._fitted()
+        prior = self._prior_of(prior_precision)
         sigma = self.sigma_noise if sigma_noise is None else sigma_noise
-        prec = torch.as_tensor(prec, dtype=self.dtype, device=self.device).reshape(-1)
         sigma = torch.as_tensor(sigma, dtype=self.dtype, device=self.device).reshape(())
-        infer_prior_structure(prec.numel(), self._sizes)
-        f = self._H_factor(sigma)
-        log_det_ratio = self._log_det_posterior(prec, f) - self._log_det_prior(prec)
-        return self._log_likelihood(sigma) - 0.5 * (log_det_ratio + self._scatter(prec))
+        f = self.likelihood_factor(sigma)
+        log_det_ratio = post.log_det(prior, f) - prior.log_det()
+        return self._log_likelihood(sigma) - 0.5 * (log_det_ratio + self._scatter(prior))
+
+    def _prior_of(self, prior_precision: Tensor | None) -> Prior:
+        if prior_precision is None:
+            return self._prior
+        prec = torch.as_tensor(prior_precision, dtype=self.dtype, device=self.device)
+        return Prior(prec, self.sizes)
 
     @property
     def log_likelihood(self) -> Tensor:
-        self._check_fitted()
+        """``log p(D | θ*)`` at the stored noise."""
+        self._fitted()
         return self._log_likelihood(self.sigma_noise)
 
     def _log_likelihood(self, sigma: Tensor) -> Tensor:
-        ll = -self._H_factor(sigma) * self.loss
+        ll = -self.likelihood_factor(sigma) * self.loss
         if self.likelihood == Likelihood.REGRESSION:
             ll = ll - self.n_data * self.n_outputs * torch.log(sigma * math.sqrt(2 * math.pi))
         return ll
 
-    def _scatter(self, prec: Tensor) -> Tensor:
-        """``θ*ᵀ P θ*`` with the squared norms of the fitted mean computed once per fit (the
+    def _scatter(self, prior: Prior) -> Tensor:
+        """``θ*ᵀ P θ*``, with the squared norms of the fitted mean computed once per fit (the
         hyper-steps evaluate it a hundred times at the same mean)."""
-        if prec.numel() == sum(self._sizes):
-            return prior_quadratic(prec, self._mean_chunks())
-        cached = self.__dict__.get("_mean_sq")
-        if cached is None or cached[0] is not self.mean:
-            sq = torch.stack([(c * c).sum() for c in self._mean_chunks()])
-            cached = self._mean_sq = (self.mean, sq)
-        sq = cached[1].to(prec.dtype)
-        return prec.reshape(()) * sq.sum() if prec.numel() == 1 else (prec * sq).sum()
+        chunks = list(torch.split(self.mean, self.sizes))
+        if not prior.isotropic_per_tensor:
+            return prior.quadratic(chunks)
+        if self._mean_sq is None or self._mean_sq[0] is not self.mean:
+            self._mean_sq = (self.mean, torch.stack([(c * c).sum() for c in chunks]))
+        return prior.weighted(self._mean_sq[1])
 
-    def _mean_chunks(self) -> list[Tensor]:
-        return list(torch.split(self.mean, self._sizes))
+    # ----------------------------------------------------------------- laplace-torch's terms
+    @property
+    def scatter(self) -> Tensor:
+        """``θ*ᵀ P θ*`` at the stored prior precision."""
+        return self._scatter(self._prior)
 
-    def _log_det_prior(self, prec: Tensor) -> Tensor:
-        if prec.numel() == 1:
-            return self.n_params * torch.log(prec).reshape(())
-        if prec.numel() == len(self._sizes):
-            return (self._size_vector(prec) * torch.log(prec)).sum()
-        return torch.log(prec).sum()
+    @property
+    def log_det_prior_precision(self) -> Tensor:
+        """``log det P``."""
+        return self._prior.log_det()
 
-    def _size_vector(self, like: Tensor) -> Tensor:
-        v = self.__dict__.get("_sizes_t")
-        if v is None or v.dtype != like.dtype or v.device != like.device:
-            v = self._sizes_t = torch.tensor(self._sizes, dtype=like.dtype, device=like.device)
-        return v
+    @property
+    def log_det_posterior_precision(self) -> Tensor:
+        """``log det(f·H + P)``."""
+        return self._fitted().log_det(self._prior, self.likelihood_factor())
 
-    def _log_det_posterior(self, prec: Tensor, f: Tensor) -> Tensor:
-        structure = self.hessian_structure
-        if structure == HessianStructure.DIAG:
-            return torch.log(f * self._H + per_parameter(prec, self._sizes)).sum()
-        if structure == HessianStructure.FULL:
-            P = torch.diag(per_parameter(prec, self._sizes))
-            return 2 * torch.log(torch.diagonal(torch.linalg.cholesky(f * self._H + P))).sum()
-        if prec.numel() == 1:
-            return torch.log(f * self._eig_flat + prec[0]).sum()
-        if prec.numel() == len(self._sizes):
-            return torch.log(f * self._eig_flat + prec[self._eig_block]).sum()
-        return self._kron_diag_prior_log_det(prec, f)
+    @property
+    def log_det_ratio(self) -> Tensor:
+        """``log det(f·H + P) − log det P``."""
+        return self.log_det_posterior_precision - self.log_det_prior_precision
 
-    def _kron_diag_prior_log_det(self, prec: Tensor, f: Tensor) -> Tensor:
-        """``Σ_blocks log det(f·B⊗A + diag(d))``: a diagonal prior is not diagonal in the
-        Kronecker eigenbasis, so each block is factorised densely (blocks up to
-        ``MAX_DENSE_BLOCK`` parameters)."""
-        total = prec.new_zeros(())
-        for d, block in zip(torch.split(prec, self._sizes), self._dense_kron_blocks()):
-            total = (
-                total
-                + 2
-                * torch.log(torch.diagonal(torch.linalg.cholesky(f * block + torch.diag(d)))).sum()
-            )
-        return total
+    @property
+    def posterior_precision(self):
+        """``f·H + P`` in the structure's form, as laplace-torch returns it: a dense matrix
+        (``full``), a vector (``diag``), or for ``kron`` a :class:`KronPrecision` with
+        laplace-torch's ``KronDecomposed`` methods ``to_matrix()``, ``diag()``, ``logdet()``."""
+        post = self._fitted()
+        f = self.likelihood_factor()
+        if post.structure == HessianStructure.FULL:
+            return post.precision_dense(self._prior, f)
+        if post.structure == HessianStructure.DIAG:
+            return torch.diagonal(post.precision_dense(self._prior, f)).clone()
+        return KronPrecision(self, f)
 
-    def _dense_kron_blocks(self) -> list[Tensor]:
-        big = [(n, s) for n, s in zip(self.param_names, self._sizes) if s > MAX_DENSE_BLOCK]
-        if big:
-            raise ValueError(
-                f"prior_structure='diag' with hessian_structure='kron' factorises each block "
-                f"densely, and {big[0][0]} has {big[0][1]} parameters (limit {MAX_DENSE_BLOCK}). "
-                "Use prior_structure='layerwise' or 'scalar' (exact and cheap with K-FAC), or "
-                "hessian_structure='diag' with a diagonal prior."
-            )
-        if not hasattr(self, "_dense_blocks"):
-            self._dense_blocks = [self._recompose(i) for i in range(len(self._kron))]
-        return self._dense_blocks
+    @property
+    def H(self):
+        """The curvature ``H`` in the structure's form (laplace-torch's attribute): a dense
+        matrix (``full``), a vector (``diag``), the :class:`~hf_marglik.posterior.KronPosterior`
+        (``kron``)."""
+        post = self._fitted()
+        if post.structure == HessianStructure.DIAG:
+            return torch.diagonal(post.curvature_dense()).clone()
+        if post.structure == HessianStructure.FULL:
+            return post.curvature_dense()
+        return post
 
-    def _recompose(self, i: int) -> Tensor:
-        lb, qb, la, qa = self._kron[i]
-        Bm = _factor_dense(lb, qb)
-        return Bm if la is None else torch.kron(Bm, _factor_dense(la, qa))
+    @property
+    def posterior_covariance(self) -> Tensor:
+        """``Σ = (f·H + P)⁻¹`` as a dense matrix (small models)."""
+        return self._fitted().covariance_dense(self._prior, self.likelihood_factor())
+
+    @property
+    def posterior_variance(self) -> Tensor:
+        """The diagonal of ``Σ`` (through the dense covariance: small models)."""
+        return torch.diagonal(self.posterior_covariance).clone()
+
+    def functional_variance(self, Js: Tensor) -> Tensor:
+        """``J Σ Jᵀ`` per example: ``Js`` ``(batch, outputs, parameters)`` →
+        ``(batch, outputs, outputs)``."""
+        n, k = Js.shape[:2]
+        chunks = list(torch.split(Js.reshape(n * k, -1).to(self.dtype), self.sizes, dim=1))
+        return self._fitted().output_covariance(chunks, n, k, self._prior, self.likelihood_factor())
+
+    def functional_covariance(self, Js: Tensor) -> Tensor:
+        """``J Σ Jᵀ`` over all outputs of the batch: ``(batch·outputs, batch·outputs)``."""
+        n, k = Js.shape[:2]
+        chunks = list(torch.split(Js.reshape(n * k, -1).to(self.dtype), self.sizes, dim=1))
+        return self._fitted().quadratic(chunks, self._prior, self.likelihood_factor())
+
+    def sample(self, n_samples: int = 100, generator: torch.Generator | None = None) -> Tensor:
+        """``n_samples`` draws ``θ ~ N(θ*, Σ)``, ``(n_samples, n_params)``."""
+        return self.mean + torch.cat(self.sample_deltas(n_samples, generator), dim=1)
+
+    def sample_deltas(self, n: int, generator: torch.Generator | None = None) -> list[Tensor]:
+        """``n`` draws of ``θ − θ*``: one ``(n, numel)`` tensor per trainable tensor (each
+        factorisation is computed once for all draws)."""
+        return self._fitted().sample(n, self._prior, self.likelihood_factor(), generator)
+
+    def log_prob(self, value: Tensor, normalized: bool = True) -> Tensor:
+        """``log N(value; θ*, Σ)`` (without the normalising constant if not ``normalized``)."""
+        post = self._fitted()
+        f = self.likelihood_factor()
+        d = torch.as_tensor(value, dtype=self.dtype, device=self.device).reshape(-1) - self.mean
+        chunks = list(torch.split(d.reshape(1, -1), self.sizes, dim=1))
+        square = _precision_quadratic(post, chunks, self._prior, f)
+        if not normalized:
+            return -square / 2
+        log_det = post.log_det(self._prior, f)
+        return -self.n_params / 2 * math.log(2 * math.pi) + log_det / 2 - square / 2
 
     # ----------------------------------------------------------------- predictive
-    def __call__(self, batch, pred_type="glm", link_approx="probit", n_samples=100, generator=None):
-        """Posterior predictive for a batch (its targets, if any, are ignored): class
-        probabilities, or for regression the function's mean and variance. ``pred_type``:
-        ``"glm"`` (linearised, ``link_approx`` ``"probit"`` or ``"mc"``) or ``"nn"`` (parameter
-        samples); see :mod:`hf_marglik.predictive`."""
+    def output_jacobians(self, x) -> tuple[Tensor, list[Tensor]]:
+        """The outputs ``(n, k)`` on input ``x`` (a batch; its targets are ignored) and, per
+        trainable tensor, the Jacobian of the outputs in it, ``(n·k, numel)`` example-major."""
+        from .predictive import model_inputs
+
+        return output_jacobians(
+            self.model,
+            model_inputs(self, x),
+            self.params,
+            self.sites,
+            self.dict_key_x,
+            self.dtype,
+            MAX_GLM_OUTPUTS,
+        )
+
+    def __call__(
+        self,
+        x,
+        pred_type="glm",
+        joint: bool = False,
+        link_approx="probit",
+        n_samples: int = 100,
+        diagonal_output: bool = False,
+        generator: torch.Generator | None = None,
+        fitting: bool = False,
+    ):
+        """Posterior predictive on a batch ``x`` (its targets, if any, are ignored), with
+        laplace-torch's arguments: class probabilities ``(n, k)`` for categorical likelihoods;
+        for regression the function's mean ``(n, k)`` and covariance ``(n, k, k)`` (``(n, k)``
+        with ``diagonal_output``; with ``joint=True`` the mean ``(n·k,)`` and the covariance
+        ``(n·k, n·k)`` over all outputs of the batch). ``pred_type``: ``"glm"`` (linearised,
+        ``link_approx`` ``"probit"`` or ``"mc"``) or ``"nn"`` (parameter samples); see
+        :mod:`hf_marglik.predictive`. ``fitting`` is accepted for laplace-torch compatibility
+        (it matters only for reward modelling there)."""
         from .predictive import predictive
 
-        return predictive(self, batch, pred_type, link_approx, n_samples, generator)
+        return predictive(
+            self, x, pred_type, link_approx, n_samples, generator, joint, diagonal_output
+        )
+
+    def predictive_samples(
+        self,
+        x,
+        pred_type="glm",
+        n_samples: int = 100,
+        diagonal_output: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """``(n_samples, n, k)`` draws of the predictive: softmax of logit samples for
+        categorical likelihoods, function samples for regression."""
+        from .predictive import predictive_samples
+
+        return predictive_samples(self, x, pred_type, n_samples, diagonal_output, generator)
+
+    def optimize_prior_precision(
+        self,
+        pred_type="glm",
+        method="marglik",
+        n_steps: int = 100,
+        lr: float = 1e-1,
+        init_prior_prec: float | Tensor = 1.0,
+        prior_structure=None,
+        val_loader=None,
+        loss=None,
+        log_prior_prec_min: float = -4,
+        log_prior_prec_max: float = 4,
+        grid_size: int = 100,
+        link_approx="probit",
+        n_samples: int = 100,
+        verbose: bool = False,
+        progress_bar: bool = False,
+        log_prior_prec_base: float = 10.0,
+        relative: bool = False,
+    ) -> None:
+        """Tune the prior precision after fitting, with laplace-torch's arguments: by the
+        marginal likelihood (``method="marglik"``, Adam in log space) or by the predictive's
+        loss on ``val_loader`` over a log grid (``method="gridsearch"``); see
+        :func:`hf_marglik.tuning.optimize_prior_precision`."""
+        from .tuning import optimize_prior_precision
+
+        optimize_prior_precision(
+            self,
+            pred_type=pred_type,
+            method=method,
+            n_steps=n_steps,
+            lr=lr,
+            init_prior_prec=init_prior_prec,
+            prior_structure=prior_structure,
+            val_loader=val_loader,
+            loss=loss,
+            log_prior_prec_min=log_prior_prec_min,
+            log_prior_prec_max=log_prior_prec_max,
+            grid_size=grid_size,
+            link_approx=link_approx,
+            n_samples=n_samples,
+            verbose=verbose,
+            progress_bar=progress_bar,
+            log_prior_prec_base=log_prior_prec_base,
+            relative=relative,
+        )
 
     # ----------------------------------------------------------------- inspection
     def kron_factors(self) -> list[tuple[Tensor, Tensor | None]]:
         """``(B, A)`` per trainable tensor (``A`` is None for biases), recomposed from the stored
         eigendecomposition (negative eigenvalues clipped)."""
-        self._check_fitted()
-        if self.hessian_structure != HessianStructure.KRON:
+        post = self._fitted()
+        if not isinstance(post, KronPosterior):
             raise ValueError("kron_factors() needs hessian_structure='kron'.")
-        return [
-            (_factor_dense(lb, qb), None if la is None else _factor_dense(la, qa))
-            for lb, qb, la, qa in self._kron
-        ]
+        return post.kron_factors()
 
     def curvature_dense(self) -> Tensor:
         """The curvature ``H`` (no prior, no ``f``) as a dense ``(P, P)`` matrix in the flat
         parameter order: for tests and small models."""
-        self._check_fitted()
-        if self.hessian_structure == HessianStructure.FULL:
-            return self._H.clone()
-        if self.hessian_structure == HessianStructure.DIAG:
-            return torch.diag(self._H)
-        return torch.block_diag(*[self._recompose(i) for i in range(len(self._kron))])
+        return self._fitted().curvature_dense()
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict:
         """Hyperparameters, loss, MAP mean and the curvature in its stored (eigendecomposed for
         K-FAC) form; enough to evaluate the marginal likelihood without the data."""
-        self._check_fitted()
-        sd = {
+        post = self._fitted()
+        return {
             "likelihood": self.likelihood.value,
             "hessian_structure": self.hessian_structure.value,
             "backend": self.backend.value,
@@ -563,14 +550,11 @@ class Laplace:
             "n_outputs": self.n_outputs,
             "loss": self.loss.clone(),
             "mean": self.mean.clone(),
+            "posterior": post.state_dict(),
         }
-        if self.hessian_structure == HessianStructure.KRON:
-            sd["kron"] = [tuple(x for x in blk) for blk in self._kron]
-        else:
-            sd["H"] = self._H.clone()
-        return sd
 
     def load_state_dict(self, sd: dict) -> None:
+        """Load what :meth:`state_dict` gave (or hf_marglik 0.1's layout, ``kron`` / ``H``)."""
         for key in ("likelihood", "hessian_structure"):
             if sd[key] != getattr(self, key).value:
                 raise ValueError(
@@ -586,13 +570,11 @@ class Laplace:
         self.sigma_noise = sd["sigma_noise"]
         self.n_data, self.n_outputs = sd["n_data"], sd["n_outputs"]
         self.loss = sd["loss"].to(self.dtype)
-        self._mean = sd["mean"].to(self.dtype)
-        if "kron" in sd:
-            self._set_kron([tuple(x for x in blk) for blk in sd["kron"]])
-        else:
-            self._H = sd["H"].to(self.dtype)
+        self._mean, self._mean_sq = sd["mean"].to(self.dtype), None
+        self.posterior = posterior_from_state(
+            self.hessian_structure, self.sizes, sd.get("posterior", sd)
+        )
 
-    # ----------------------------------------------------------------- files
     def save(self, path: str | os.PathLike) -> None:
         """Write the posterior (``state_dict``) to ``path`` (a ``.pt`` file), atomically, with the
         constructor options so that :meth:`load` needs only the model."""
@@ -602,9 +584,7 @@ class Laplace:
             "dict_key_y": self.dict_key_y,
             "n_mc_samples": self.n_mc_samples,
         }
-        tmp = f"{os.fspath(path)}.tmp"
-        torch.save(sd, tmp)
-        os.replace(tmp, path)
+        save_torch(sd, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: nn.Module) -> Laplace:
@@ -620,11 +600,50 @@ class Laplace:
             temperature=sd["temperature"],
             **sd.get("options", {}),
         )
-        dev = lap.device
-        moved = {k: v.to(dev) if isinstance(v, Tensor) else v for k, v in sd.items()}
-        if "kron" in moved:
-            moved["kron"] = [
-                tuple(None if x is None else x.to(dev) for x in blk) for blk in moved["kron"]
-            ]
-        lap.load_state_dict(moved)
+        lap.load_state_dict(_to_device(sd, lap.device))
         return lap
+
+
+class KronPrecision:
+    """The K-FAC posterior precision ``f·B⊗A + P`` of a :class:`Laplace`, with laplace-torch's
+    ``KronDecomposed`` methods (``to_matrix``, ``diag``, ``logdet``)."""
+
+    def __init__(self, lap: Laplace, f: Tensor):
+        self._post, self._prior, self._f = lap.posterior, lap.prior, f
+
+    def to_matrix(self) -> Tensor:
+        return self._post.precision_dense(self._prior, self._f)
+
+    def diag(self) -> Tensor:
+        blocks = [torch.diagonal(self._post.dense_block(i)) for i in range(len(self._post.blocks))]
+        return self._f * torch.cat(blocks) + self._prior.per_parameter()
+
+    def logdet(self) -> Tensor:
+        return self._post.log_det(self._prior, self._f)
+
+
+def _precision_quadratic(post: Posterior, chunks: list[Tensor], prior: Prior, f: Tensor) -> Tensor:
+    """``dᵀ (f·H + P) d`` for ``d`` given per tensor as ``(1, numel)`` chunks."""
+    d = torch.cat(chunks, dim=1).reshape(-1)
+    if post.structure == HessianStructure.KRON and prior.isotropic_per_tensor:
+        total = d.new_zeros(())
+        for i, (c, p) in enumerate(zip(chunks, prior.per_tensor())):
+            B, A = post.block_factors(i)
+            X = c.reshape(B.side) if A is None else c.reshape(B.side, A.side)
+            HX = B.dense() @ X if A is None else B.dense() @ X @ A.dense()
+            total = total + f * (X * HX).sum() + p[0] * (X * X).sum()
+        return total
+    return d @ (post.precision_dense(prior, f) @ d)
+
+
+def _to_device(sd: dict, device) -> dict:
+    def move(x):
+        if isinstance(x, Tensor):
+            return x.to(device)
+        if isinstance(x, dict):
+            return {k: move(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return type(x)(move(v) for v in x)
+        return x
+
+    return move(sd)

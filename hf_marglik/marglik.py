@@ -15,8 +15,9 @@ from torch.utils.data import DataLoader
 from .batches import call_model, nll_sum, split_batch, targets_for, to_device
 from .hyper import HyperOptimizer, check_settings, count_data_points
 from .laplace import Laplace
+from .loop import MargLikLoop
 from .options import Backend, HessianStructure, Likelihood, PriorStructure, coerce
-from .params import trainable_parameters
+from .prior import trainable_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -99,8 +100,14 @@ def marglik_training(
       squared error over outputs (laplace-torch's ``MSELoss`` also averages over them, which
       weights the prior by the number of outputs).
 
+    A curvature fit that is not finite (NaN or Inf logits or curvature, a failed
+    eigendecomposition) skips that update with a ``RuntimeWarning``, as in
+    :class:`~hf_marglik.MargLikTrainer` (both run :class:`~hf_marglik.loop.MargLikLoop`); the
+    hyperparameters and the model stay finite.
+
     Returns:
-        ``(lap, model, margliks, losses)``: the Laplace approximation at the best parameters,
+        ``(lap, model, margliks, losses)``: the Laplace approximation at the best parameters
+        (None, with a warning, if the final fit is not finite),
         the model, the negative log marginal likelihoods (one per hyper-step) and the mean
         training loss (log joint per data point) of every epoch.
     """
@@ -149,8 +156,8 @@ def marglik_training(
     if scheduler_cls is not None:
         scheduler = scheduler_cls(optimizer, **(scheduler_kwargs or {}))
 
-    def laplace(prec, sigma, backprop=False) -> Laplace:
-        return Laplace(
+    def fit(prec, sigma) -> Laplace:
+        lap = Laplace(
             model,
             likelihood,
             hessian_structure=hessian_structure,
@@ -160,12 +167,11 @@ def marglik_training(
             backend=backend,
             dict_key_x=dict_key_x,
             dict_key_y=dict_key_y,
-            enable_backprop=backprop,
-        )
+        ).fit(train_loader)
+        model.train()
+        return lap
 
-    best_marglik, best = float("inf"), None
-    margliks: list[float] = []
-    losses: list[float] = []
+    loop = MargLikLoop(params, hyper, n_hypersteps, restore_best=True)
     device = params[0].device
     for epoch in tqdm.trange(1, n_epochs + 1, disable=not progress_bar, desc="[Training]"):
         model.train()
@@ -185,35 +191,18 @@ def marglik_training(
             epoch_loss += float(total.detach())
             if scheduler is not None:
                 scheduler.step()
-        losses.append(epoch_loss / N)
-        logger.info("MARGLIK[epoch=%d]: network training. Loss=%.3f.", epoch, losses[-1])
+        loop.losses.append(epoch_loss / N)
+        logger.info("MARGLIK[epoch=%d]: network training. Loss=%.3f.", epoch, loop.losses[-1])
 
         if epoch % marglik_frequency != 0 or epoch < n_epochs_burnin:
             continue
-        lap = laplace(hyper.prior_precision, hyper.sigma_noise).fit(train_loader)
-        model.train()
-        margliks.extend(hyper.step(lap, n_hypersteps))
-        if margliks and margliks[-1] < best_marglik:
-            best_marglik = margliks[-1]
-            # the fit was made at exactly these parameters: it is kept and returned at the end
-            # instead of refitting (laplace-torch refits, which costs one more curvature pass)
-            best = (
-                [p.detach().clone() for p in params],
-                hyper.evaluated_prior_precision,
-                hyper.evaluated_sigma_noise,
-                lap,
-            )
-            logger.info("MARGLIK[epoch=%d]: MargLik=%.2f, new best.", epoch, best_marglik)
+        best = loop.best
+        if loop.update(epoch, fit) is not None and loop.best is not best:
+            logger.info("MARGLIK[epoch=%d]: MargLik=%.2f, new best.", epoch, loop.best_marglik)
 
-    if best is None:
-        prec, sigma = hyper.prior_precision, hyper.sigma_noise
-        lap = laplace(prec, sigma, backprop=enable_backprop).fit(train_loader)
-        return lap, model, margliks, losses
-    with torch.no_grad():
-        for p, b in zip(params, best[0]):
-            p.copy_(b)
-    lap, lap.prior_precision = best[3], best[1]
-    if likelihood == Likelihood.REGRESSION:
-        lap.sigma_noise = best[2]
-    logger.info("MARGLIK: best of %s restored: %s", names[:3], best[1])
-    return lap, model, margliks, losses
+    # the best update's fit was made at exactly its parameters: it is reused at the end instead
+    # of refitting (laplace-torch refits, which costs one more curvature pass)
+    lap = loop.finish(n_epochs, fit)
+    if loop.best is not None:
+        logger.info("MARGLIK: best of %s restored: %s", names[:3], loop.best.prior_precision)
+    return lap, model, loop.margliks, loop.losses

@@ -108,3 +108,13 @@ class LinkApprox(str, Enum):
     """Closed form: ``softmax(f / sqrt(1 + π/8 · diag(J Σ Jᵀ)))`` (MacKay's probit)."""
     MC = "mc"
     """Monte-Carlo samples of the logits from the Gaussian."""
+
+
+class TuningMethod(str, Enum):
+    """How :meth:`~hf_marglik.Laplace.optimize_prior_precision` tunes the prior after fitting
+    (laplace-torch's names)."""
+
+    MARGLIK = "marglik"
+    """Gradient steps on the log marginal likelihood."""
+    GRIDSEARCH = "gridsearch"
+    """The value of a log grid with the lowest predictive loss on validation data."""

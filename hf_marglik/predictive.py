@@ -1,9 +1,11 @@
-"""Posterior predictive distributions of a fitted :class:`~hf_marglik.Laplace`.
+"""Posterior predictive distributions of a fitted :class:`~hf_marglik.Laplace`, through its
+public face only (``output_jacobians``, ``posterior``, ``prior``, ``sample_deltas``).
 
 ``glm``: the network linearised in its trainable parameters, ``f(x) ~ N(f*(x), J(x) Σ J(x)ᵀ)``;
-``J`` comes from one backward pass per output (ASDL-recorded per-example gradients).
-``nn``: average of the softmax over networks whose trainable parameters are drawn from the
-posterior (matrix-normal per K-FAC block, no dense covariance). Names follow laplace-torch.
+``J`` comes from one backward pass per output. Classification pushes the Gaussian through the
+softmax with MacKay's probit approximation or Monte-Carlo samples. ``nn``: average of the softmax
+over networks whose trainable parameters are drawn from the posterior (matrix-normal per K-FAC
+block, no dense covariance). Names and return shapes follow laplace-torch.
 """
 
 from __future__ import annotations
@@ -15,20 +17,33 @@ import torch
 from torch import Tensor
 
 from . import batches as B
-from .curvature import Recorder, per_example_grads
 from .options import Likelihood, LinkApprox, PredType, coerce
-from .posterior import quadratic, samples
 
-MAX_GLM_OUTPUTS = 64
 SAMPLE_CHUNK = 16
 
 
-def _inputs(lap, batch):
+def model_inputs(lap, batch):
+    """The model inputs of ``batch``: a dict batch without its targets, ``x`` of an ``(x, y)``
+    pair, or the batch itself; moved to the posterior's device."""
     if isinstance(batch, Mapping):
-        return {k: v for k, v in batch.items() if k != lap.dict_key_y}
-    if isinstance(batch, (tuple, list)) and len(batch) == 2:
-        return batch[0]
-    return batch
+        batch = {k: v for k, v in batch.items() if k != lap.dict_key_y}
+    elif isinstance(batch, (tuple, list)) and len(batch) == 2:
+        batch = batch[0]
+    return B.to_device(batch, lap.device)
+
+
+def glm_jacobians(lap, batch) -> tuple[Tensor, list[Tensor]]:
+    """The logits ``(n, k)`` and, per trainable tensor, the Jacobian of the logits in it,
+    ``(n·k, numel)`` with rows ordered example-major (:meth:`Laplace.output_jacobians`)."""
+    return lap.output_jacobians(batch)
+
+
+def glm_covariance(lap, jacobians: list[Tensor], n: int, k: int, prior=None) -> Tensor:
+    """``J(x) Σ J(x)ᵀ`` per example, ``(n, k, k)``, from :func:`glm_jacobians`: the Jacobians
+    depend on the model only, so one set serves several posteriors or priors over the same
+    parameters (compressed posteriors, a grid of prior precisions)."""
+    prior = lap.prior if prior is None else prior
+    return lap.posterior.output_covariance(jacobians, n, k, prior, lap.likelihood_factor())
 
 
 def glm_moments(lap, batch) -> tuple[Tensor, Tensor]:
@@ -37,54 +52,36 @@ def glm_moments(lap, batch) -> tuple[Tensor, Tensor]:
     return logits, glm_covariance(lap, jacobians, *logits.shape)
 
 
-def glm_covariance(lap, jacobians: list[Tensor], n: int, k: int) -> Tensor:
-    """``J(x) Σ J(x)ᵀ`` per example, ``(n, k, k)``, from :func:`glm_jacobians`: the Jacobians
-    depend on the model only, so one set serves several posteriors over the same parameters
-    (e.g. compressed ones)."""
-    cov = quadratic(lap, jacobians).reshape(n, k, n, k)
-    return torch.diagonal(cov, dim1=0, dim2=2).permute(2, 0, 1)
+def categorical(mean: Tensor, cov: Tensor, link_approx, n_samples: int, generator) -> Tensor:
+    """Class probabilities of logits ``N(mean, cov)`` (``(n, k)``, ``(n, k, k)``)."""
+    if coerce(LinkApprox, link_approx, "link_approx") == LinkApprox.PROBIT:
+        var = torch.diagonal(cov, dim1=1, dim2=2)
+        return torch.softmax(mean / torch.sqrt(1.0 + math.pi / 8.0 * var), dim=-1)
+    return torch.softmax(_logit_samples(mean, cov, n_samples, generator), dim=-1).mean(0)
 
 
-def glm_jacobians(lap, batch) -> tuple[Tensor, list[Tensor]]:
-    """The logits ``(n, k)`` and, per trainable tensor, the Jacobian of the logits in it,
-    ``(n·k, numel)`` with rows ordered example-major."""
-    model = lap.model
-    inputs = B.to_device(_inputs(lap, batch), lap.device)
-    was_training = model.training
-    model.eval()
-    rec = Recorder(lap._sites, lap.dtype)
-    try:
-        with rec.recording(model), torch.enable_grad():
-            logits = B.call_model(model, inputs, lap.dict_key_x)
-            if logits.ndim != 2:
-                raise ValueError(
-                    f"pred_type='glm' needs outputs (batch, k); got {tuple(logits.shape)}. For "
-                    "token-level outputs use pred_type='nn'."
-                )
-            n, k = logits.shape
-            if k > MAX_GLM_OUTPUTS:
-                raise ValueError(
-                    f"pred_type='glm' takes one backward pass per output and the model has {k}; "
-                    f"the limit is {MAX_GLM_OUTPUTS}. Use pred_type='nn'."
-                )
-            acts = rec.inputs()
-            rows: list[list[Tensor]] = []
-            for c in range(k):
-                e = torch.zeros_like(logits)
-                e[:, c] = 1.0
-                torch.autograd.grad(
-                    logits, lap._params, grad_outputs=e, retain_graph=c < k - 1, allow_unused=True
-                )
-                rows.append(
-                    per_example_grads(lap._sites, len(lap._sizes), acts, rec.output_grads(acts))
-                )
-    finally:
-        model.train(was_training)
-    # rows ordered (n, k): example-major, so per-example blocks lie on the diagonal
-    chunks = [
-        torch.stack([r[i] for r in rows], dim=1).reshape(n * k, -1) for i in range(len(lap._sizes))
-    ]
-    return logits.detach().to(lap.dtype), chunks
+def _logit_samples(mean: Tensor, cov: Tensor, n_samples: int, generator) -> Tensor:
+    eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
+    L = torch.linalg.cholesky(cov + 1e-10 * eye)
+    z = torch.randn(
+        n_samples, *mean.shape, 1, generator=generator, dtype=mean.dtype, device=mean.device
+    )
+    return mean + (L @ z).squeeze(-1)
+
+
+def _check(lap, pred_type, link_approx, n_samples: int, joint: bool):
+    pred_type = coerce(PredType, pred_type, "pred_type")
+    link_approx = coerce(LinkApprox, link_approx, "link_approx")
+    if n_samples < 1:
+        raise ValueError(f"n_samples={n_samples} must be at least 1.")
+    if joint and (lap.likelihood != Likelihood.REGRESSION or pred_type != PredType.GLM):
+        raise ValueError(
+            "joint=True (a joint Gaussian over all outputs of the batch) is for "
+            "likelihood='regression' with pred_type='glm'; categorical predictives are not "
+            "Gaussian. Leave joint=False."
+        )
+    lap._fitted()
+    return pred_type, link_approx
 
 
 def predictive(
@@ -94,52 +91,71 @@ def predictive(
     link_approx: LinkApprox | str = LinkApprox.PROBIT,
     n_samples: int = 100,
     generator: torch.Generator | None = None,
+    joint: bool = False,
+    diagonal_output: bool = False,
 ):
-    """Class probabilities ``(n, k)`` for categorical likelihoods; for regression the mean and the
-    variance of the function ``(n, k)`` (add ``sigma_noise²`` for the predictive of ``y``, as in
-    laplace-torch)."""
-    pred_type = coerce(PredType, pred_type, "pred_type")
-    link_approx = coerce(LinkApprox, link_approx, "link_approx")
-    if n_samples < 1:
-        raise ValueError(f"n_samples={n_samples} must be at least 1.")
-    lap._check_fitted()
+    """Class probabilities ``(n, k)`` for categorical likelihoods; for regression the mean and
+    the covariance of the function (laplace-torch's shapes, see :meth:`Laplace.__call__`; add
+    ``sigma_noise²`` for the predictive of ``y``, as in laplace-torch)."""
+    pred_type, link_approx = _check(lap, pred_type, link_approx, n_samples, joint)
     regression = lap.likelihood == Likelihood.REGRESSION
     if pred_type == PredType.NN:
-        return _nn_predictive(lap, batch, n_samples, generator, regression)
+        draws = _nn_outputs(lap, batch, n_samples, generator, regression)
+        if regression:
+            return draws.mean(0), draws.var(0, unbiased=False)
+        return draws.mean(0)
+    if joint:
+        logits, jac = glm_jacobians(lap, batch)
+        cov = lap.posterior.quadratic(jac, lap.prior, lap.likelihood_factor())
+        return logits.reshape(-1), cov
     mean, cov = glm_moments(lap, batch)
-    var = torch.diagonal(cov, dim1=1, dim2=2)
     if regression:
-        return mean, var
-    if link_approx == LinkApprox.PROBIT:
-        return torch.softmax(mean / torch.sqrt(1.0 + math.pi / 8.0 * var), dim=-1)
-    L = torch.linalg.cholesky(cov + 1e-10 * torch.eye(cov.shape[-1], dtype=cov.dtype))
-    z = torch.randn(n_samples, *mean.shape, 1, generator=generator, dtype=mean.dtype)
-    f = mean + (L @ z).squeeze(-1)
-    return torch.softmax(f, dim=-1).mean(0)
+        return mean, torch.diagonal(cov, dim1=1, dim2=2) if diagonal_output else cov
+    return categorical(mean, cov, link_approx, n_samples, generator)
+
+
+def predictive_samples(
+    lap,
+    batch,
+    pred_type: PredType | str = PredType.GLM,
+    n_samples: int = 100,
+    diagonal_output: bool = False,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """``(n_samples, n, k)`` samples of the predictive: softmax of the logit samples for
+    categorical likelihoods, the function samples for regression."""
+    pred_type, _ = _check(lap, pred_type, LinkApprox.MC, n_samples, False)
+    regression = lap.likelihood == Likelihood.REGRESSION
+    if pred_type == PredType.NN:
+        return _nn_outputs(lap, batch, n_samples, generator, regression)
+    mean, cov = glm_moments(lap, batch)
+    if diagonal_output:
+        cov = torch.diag_embed(torch.diagonal(cov, dim1=1, dim2=2))
+    f = _logit_samples(mean, cov, n_samples, generator)
+    return f if regression else torch.softmax(f, dim=-1)
 
 
 @torch.no_grad()
-def _nn_predictive(lap, batch, n_samples, generator, regression):
+def _nn_outputs(lap, batch, n_samples, generator, regression) -> Tensor:
+    """Outputs (softmax for categorical likelihoods) of ``n_samples`` networks drawn from the
+    posterior, ``(n_samples, n, k)``; the parameters are restored afterwards."""
     model = lap.model
-    inputs = B.to_device(_inputs(lap, batch), lap.device)
-    saved = [p.detach().clone() for p in lap._params]
-    mean = list(torch.split(lap.mean, lap._sizes))
+    inputs = model_inputs(lap, batch)
+    saved = [p.detach().clone() for p in lap.params]
+    mean = list(torch.split(lap.mean, lap.sizes))
     was_training = model.training
     model.eval()
     outs = []
     try:
         for start in range(0, n_samples, SAMPLE_CHUNK):
-            draws = samples(lap, min(SAMPLE_CHUNK, n_samples - start), generator)
+            draws = lap.sample_deltas(min(SAMPLE_CHUNK, n_samples - start), generator)
             for k in range(draws[0].shape[0]):
-                for p, m, d in zip(lap._params, mean, draws):
+                for p, m, d in zip(lap.params, mean, draws):
                     p.copy_((m + d[k]).reshape(p.shape).to(p.dtype))
                 f = B.call_model(model, inputs, lap.dict_key_x).to(lap.dtype)
                 outs.append(f if regression else torch.softmax(f, dim=-1))
     finally:
-        for p, s in zip(lap._params, saved):
+        for p, s in zip(lap.params, saved):
             p.copy_(s)
         model.train(was_training)
-    stacked = torch.stack(outs)
-    if regression:
-        return stacked.mean(0), stacked.var(0, unbiased=False)
-    return stacked.mean(0)
+    return torch.stack(outs)

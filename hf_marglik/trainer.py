@@ -12,49 +12,65 @@ gradient as one large batch. After every ``marglik_frequency``-th epoch (or ever
 ``marglik_steps`` optimizer steps) once ``n_epochs_burnin`` epochs are done, a
 :class:`~hf_marglik.Laplace` is fit over the trainable parameters and the prior precision (and
 the noise, for regression) take ``n_hypersteps`` Adam steps on the negative log marginal
-likelihood. The update runs in ``on_step_end``, before the Trainer logs and saves, so a
-checkpoint always holds the hyperparameters that the next step trains with.
+likelihood (:class:`~hf_marglik.loop.MargLikLoop`). The update runs in ``on_step_end``, before
+the Trainer logs and saves, so a checkpoint always holds the hyperparameters that the next step
+trains with.
+
+:class:`MargLikTrainerMixin` holds all of it for any ``Trainer`` subclass (TRL's ``SFTTrainer``
+in :mod:`hf_marglik.sft`); it overrides public Trainer hooks only (``train``, ``compute_loss``,
+``get_batch_samples``, ``evaluate``, ``save_model``) and adds two callbacks.
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import math
 import os
-import re
 import warnings
 from collections.abc import Mapping
 
 import torch
 import torch.distributed as dist
 from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from .batches import call_model, nll_sum, split_batch, targets_for
+from .checkpoint import (
+    HYPERPARAMETERS_NAME,
+    STATE_NAME,
+    checkpoint_folder,
+    last_complete_checkpoint,
+    save_json,
+    save_torch,
+)
 from .evaluation import calibration_report
-from .hyper import HyperOptimizer, batch_targets, count_data_points
+from .hyper import HyperOptimizer, batch_targets, count_data_points, likelihood_scale
 from .laplace import MAX_DENSE_BLOCK, Laplace
+from .loop import MargLikLoop
 from .options import HessianStructure, Likelihood, PriorStructure, SubsetSampling
 from .parallel import check_parallelism
-from .params import trainable_parameters
 from .preemption import SigtermCheckpointCallback
+from .prior import trainable_parameters
 from .subset import CurvatureSubset, select_examples, subset_size
-from .training_args import MargLikTrainingArguments
+from .training_args import MargLikArguments
 
-STATE_NAME = "marglik_state.pt"
-"""Extra training state in each checkpoint folder (hyper-optimizer, best model, histories)."""
+logger = logging.getLogger(__name__)
+
+__all__ = ["MargLikTrainer", "MargLikTrainerMixin", "HYPERPARAMETERS_NAME", "STATE_NAME"]
+
 MAX_FULL_PARAMS = 20_000
 """``hessian_structure='full'`` is refused above this many trainable parameters (a dense
 ``n × n`` curvature: 3.2 GB in float64 at the limit)."""
-HYPERPARAMETERS_NAME = "marglik_hyperparameters.json"
-"""The learned hyperparameters, written by ``save_model`` beside the model or adapter."""
+PER_TENSOR_PREFIX = "prior_prec/"
+"""Logged per-tensor precisions: sent to ``report_to`` targets, left out of the console."""
+STATE_VERSION = 2
 
 
 class _MargLikCallback(TrainerCallback):
     """Runs the trainer's marginal-likelihood step after optimizer steps and writes its state
     into each checkpoint."""
 
-    def __init__(self, trainer: MargLikTrainer):
+    def __init__(self, trainer: MargLikTrainerMixin):
         self.trainer = trainer
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -64,28 +80,53 @@ class _MargLikCallback(TrainerCallback):
         self.trainer._on_save()
 
 
-class MargLikTrainer(Trainer):
-    """A ``Trainer`` that learns the prior precision (and observation noise) by the Laplace
-    marginal likelihood while it trains the model on the log joint.
+def _compact_console(cls: type[TrainerCallback]) -> type[TrainerCallback]:
+    """``cls`` (a console printer) without the per-tensor precisions in its lines."""
 
-    Takes the Trainer's arguments, with ``args`` a :class:`MargLikTrainingArguments`. After
-    :meth:`train`:
+    class Compact(cls):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs:
+                logs = {k: v for k, v in logs.items() if not k.startswith(PER_TENSOR_PREFIX)}
+            return super().on_log(args, state, control, logs=logs, **kwargs)
 
-    - ``laplace``: the :class:`~hf_marglik.Laplace` approximation, refit at the final (by
-      default the best-marglik) parameters and hyperparameters;
+    Compact.__name__ = Compact.__qualname__ = f"Compact{cls.__name__}"
+    return Compact
+
+
+def _console_printers() -> tuple[type, ...]:
+    printers: tuple[type, ...] = (ProgressCallback, PrinterCallback)
+    try:
+        from transformers.utils.notebook import NotebookProgressCallback
+    except ImportError:  # no IPython
+        return printers
+    return (*printers, NotebookProgressCallback)
+
+
+class MargLikTrainerMixin:
+    """Marginal-likelihood training for a ``transformers.Trainer`` subclass: put it first in the
+    bases (``class X(MargLikTrainerMixin, SomeTrainer)``) and pass ``args`` that subclass
+    :class:`~hf_marglik.training_args.MargLikArguments`.
+
+    After :meth:`train`:
+
+    - ``laplace``: the :class:`~hf_marglik.Laplace` approximation at the final (by default the
+      best-marglik) parameters and hyperparameters;
     - ``margliks``: negative log marginal likelihoods, one per hyper-step (as laplace-torch);
     - ``losses``: the mean training loss (log joint per data point) of each completed epoch;
     - ``marglik_update_steps``: the global steps after which the hyperparameters were updated;
     - ``marglik_skipped_steps``: the steps whose update was skipped (a curvature fit or log
       marginal likelihood with NaN / Inf, a step to a precision of 0 or Inf; with a warning);
-    - ``n_data``: the data points the likelihood counts (sequences, or target tokens).
+    - ``n_data``: the data points the likelihood counts (sequences, or target tokens);
+    - ``marglik_loop``: the :class:`~hf_marglik.loop.MargLikLoop` (hyper-optimiser, best
+      update, histories).
 
     Logged after every update (through ``log``, so every ``report_to`` target gets them):
     ``marglik`` (the log marginal likelihood), ``prior_prec_mean/min/max``,
-    ``prior_prec/<tensor>`` (layerwise: the value; diag: the tensor's mean), ``sigma_noise``
-    (regression) and ``marglik_n_clipped`` (negative K-FAC eigenvalues from rounding, clipped
-    to 0); ``marglik_skipped`` after a skipped update. ``eval_loss`` is the held-out likelihood
-    term per data point, without the prior.
+    ``prior_prec/<tensor>`` (layerwise: the value; diag: the tensor's mean; not printed to the
+    console), ``sigma_noise`` (regression) and ``marglik_n_clipped`` (negative K-FAC
+    eigenvalues from rounding, clipped to 0); ``marglik_skipped`` after a skipped update.
+    ``eval_loss`` is the held-out likelihood term per data point, without the prior;
+    ``evaluate()`` adds ``eval_map_*`` and ``eval_laplace_*`` (see :meth:`evaluate`).
 
     The curvature pass runs over the training data (or the ``marglik_subset``) in order, with
     ``per_device_eval_batch_size`` and the Trainer's collator; ``N`` is counted once from the
@@ -105,18 +146,18 @@ class MargLikTrainer(Trainer):
     def __init__(self, *args, **kwargs):
         check_parallelism(kwargs.get("args", args[1] if len(args) > 1 else None))
         super().__init__(*args, **kwargs)
-        if not isinstance(self.args, MargLikTrainingArguments):
+        if not isinstance(self.args, MargLikArguments):
             raise TypeError(
-                f"MargLikTrainer needs args=MargLikTrainingArguments(...), got "
-                f"{type(self.args).__name__}."
+                f"{type(self).__name__} needs args=MargLikTrainingArguments(...) (or "
+                f"MargLikSFTConfig for the SFT trainer), got {type(self.args).__name__}."
             )
         if self.compute_loss_func is not None:
             raise ValueError(
-                "compute_loss_func is not supported: MargLikTrainer computes the likelihood from "
-                "the logits (set args.likelihood)."
+                "compute_loss_func is not supported: the marginal-likelihood trainer computes "
+                "the likelihood from the logits (set args.likelihood)."
             )
         if self.model_init is not None:
-            raise ValueError("model_init is not supported by MargLikTrainer; pass a model.")
+            raise ValueError(f"model_init is not supported by {type(self).__name__}; pass a model.")
         if self.args.label_names is None:
             self.label_names = [self.args.dict_key_y]
         if not hasattr(Trainer, "loss_is_scaled_for_ga"):
@@ -125,24 +166,51 @@ class MargLikTrainer(Trainer):
         named = trainable_parameters(self.model)  # a clear error when nothing is trainable
         self._names, self._params = [n for n, _ in named], [p for _, p in named]
         self._check_inputs()  # before any work, so that scripts report them as bad input
-        self.laplace: Laplace | None = None
-        self.margliks: list[float] = []
-        self.losses: list[float] = []
-        self.marglik_update_steps: list[int] = []
-        self.marglik_skipped_steps: list[int] = []
+        self.marglik_loop: MargLikLoop | None = None
         self.n_data: int | None = None
-        self._hyper: HyperOptimizer | None = None
-        self._final = False
+        self._curvature_subset = None
         self.add_callback(_MargLikCallback(self))
         # after the marglik callback: a SIGTERM checkpoint holds that step's update
         self.sigterm_callback = SigtermCheckpointCallback() if self.args.save_on_sigterm else None
         if self.sigterm_callback is not None:
             self.add_callback(self.sigterm_callback)
+        for cb in list(self.callback_handler.callbacks):
+            if type(cb) in _console_printers():
+                self.remove_callback(cb)
+                self.add_callback(_compact_console(type(cb)))
+
+    # ------------------------------------------------------------------ results
+    @property
+    def laplace(self) -> Laplace | None:
+        return None if self.marglik_loop is None else self.marglik_loop.laplace
+
+    @property
+    def margliks(self) -> list[float]:
+        return [] if self.marglik_loop is None else self.marglik_loop.margliks
+
+    @property
+    def losses(self) -> list[float]:
+        return [] if self.marglik_loop is None else self.marglik_loop.losses
+
+    @property
+    def marglik_update_steps(self) -> list[int]:
+        return [] if self.marglik_loop is None else self.marglik_loop.update_steps
+
+    @property
+    def marglik_skipped_steps(self) -> list[int]:
+        return [] if self.marglik_loop is None else self.marglik_loop.skipped_steps
+
+    @property
+    def best_marglik(self) -> float | None:
+        """The best log marginal likelihood seen during training (None before any update)."""
+        return None if self.marglik_loop is None else self.marglik_loop.best_marglik
 
     # ------------------------------------------------------------------ training
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs):
-        """``Trainer.train`` with the marginal-likelihood steps; at the end the best parameters
-        are restored (``restore_best_marglik``) with the Laplace approximation fitted at them.
+        """``Trainer.train`` with the marginal-likelihood steps. At the end the trainer keeps
+        the parameters of the best marginal likelihood (``restore_best_marglik``), or the model
+        ``load_best_model_at_end`` loads, or the last one, and fits ``laplace`` there (reusing a
+        fit made at exactly those parameters); one info line says which model is kept.
 
         ``resume_from_checkpoint=True`` resumes from the last *complete* checkpoint in
         ``output_dir``: one that holds ``marglik_state.pt``, the file written last (atomically)
@@ -179,9 +247,9 @@ class MargLikTrainer(Trainer):
         self._names = [n for n, _ in named]
         self._params = [p for _, p in named]
         if self.train_dataset is None:
-            raise ValueError("MargLikTrainer.train() needs a train_dataset.")
+            raise ValueError(f"{type(self).__name__}.train() needs a train_dataset.")
         self._check_inputs()
-        self._hyper = HyperOptimizer(
+        hyper = HyperOptimizer(
             [p.numel() for p in self._params],
             a.likelihood,
             a.prior_structure,
@@ -192,6 +260,9 @@ class MargLikTrainer(Trainer):
             a.lr_hyp,
             device=self._params[0].device,
             dtype=self._params[0].dtype,
+        )
+        self.marglik_loop = MargLikLoop(
+            self._params, hyper, a.n_hypersteps, restore_best=a.restore_best_marglik
         )
         # data-parallel: each process counts its shard of the training data, summed over all
         self.n_data = _sum_over_processes(
@@ -208,20 +279,14 @@ class MargLikTrainer(Trainer):
                 self.train_dataset, a.marglik_subset, a.dict_key_x, a.seed
             )
         self._fit_dataset = self._subset(self.train_dataset)
-        self.laplace, self._final = None, False
-        self.margliks, self.losses, self.marglik_update_steps = [], [], []
-        self.marglik_skipped_steps: list[int] = []
-        self._best: dict | None = None
-        self._best_marglik = math.inf
-        self._fitted_at: dict[int, Laplace] = {}  # global step -> fit (last and best only)
         self._epoch_loss, self._epoch_items = 0.0, 0
         self._check_schedule()
         if self.optimizer is not None and any(
             g.get("weight_decay", 0) > 0 for g in self.optimizer.param_groups
         ):
             warnings.warn(
-                "The optimizer passed to MargLikTrainer has weight_decay > 0: it adds to the "
-                "learned prior. Build it with weight_decay=0.",
+                "The optimizer passed to the marginal-likelihood trainer has weight_decay > 0: it "
+                "adds to the learned prior. Build it with weight_decay=0.",
                 UserWarning,
                 stacklevel=3,
             )
@@ -311,15 +376,15 @@ class MargLikTrainer(Trainer):
         logits = call_model(model, x, a.dict_key_x)
         mask = x.get("attention_mask") if isinstance(x, Mapping) else None
         t = targets_for(logits, y, a.likelihood, mask)
-        scale = 2.0 if a.likelihood == Likelihood.REGRESSION else 1.0
-        data_term = scale * nll_sum(t)
+        data_term = likelihood_scale(a.likelihood) * nll_sum(t)
         if model.training:
-            if self._hyper is None:
+            if self.marglik_loop is None:
                 self._start(None)
             if self._curvature_subset is not None:
                 ids = x[a.dict_key_x] if isinstance(x, Mapping) else x
                 self._curvature_subset.record(ids, mask, logits, self.state.global_step)
-            total = data_term + self._hyper.prior_term(self._params) * (t.n_data / self.n_data)
+            prior = self.marglik_loop.hyper.prior_term(self._params)
+            total = data_term + prior * (t.n_data / self.n_data)
             self._epoch_loss = self._epoch_loss + total.detach()  # no device sync per step
             self._epoch_items += t.n_data
             self.loss_is_scaled_for_ga = num_items_in_batch is not None
@@ -335,10 +400,13 @@ class MargLikTrainer(Trainer):
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
-        """``Trainer.evaluate``, plus for classification the accuracy, NLL, ECE (15 bins) and
-        Brier score of the MAP model (``eval_accuracy`` …) and of the Laplace predictive
-        (``eval_laplace_accuracy`` …, with ``pred_type`` / ``link_approx``) once a Laplace
-        approximation exists (after the first marginal-likelihood update)."""
+        """``Trainer.evaluate``, plus for classification, once a Laplace approximation exists
+        (after the first marginal-likelihood update) and with ``eval_laplace``: accuracy, NLL,
+        ECE (15 bins) and Brier score of the MAP model (``eval_map_accuracy``, ``eval_map_nll``,
+        ``eval_map_ece``, ``eval_map_brier``) and of the Laplace predictive
+        (``eval_laplace_accuracy`` …, with ``pred_type`` / ``link_approx``). Keys the user's
+        ``compute_metrics`` returned are never overwritten: a clashing key of ours is left out,
+        with a warning."""
         metrics = super().evaluate(
             eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix
         )
@@ -359,7 +427,18 @@ class MargLikTrainer(Trainer):
             a.predictive_samples,
             torch.Generator().manual_seed(a.seed),
         )
-        extra = {f"{metric_key_prefix}_{k}": v for k, v in report.items()}
+        extra = {}
+        for key, value in report.items():
+            name = f"{metric_key_prefix}_{key if key.startswith('laplace_') else 'map_' + key}"
+            if name in metrics:
+                warnings.warn(
+                    f"evaluate(): {name!r} is already in the metrics (compute_metrics?); the "
+                    "marginal-likelihood trainer's value is left out.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+                continue
+            extra[name] = value
         self.log(extra)
         metrics.update(extra)
         return metrics
@@ -379,7 +458,7 @@ class MargLikTrainer(Trainer):
         if due and state.epoch >= a.n_epochs_burnin - 1e-9:
             self._marglik_update()
 
-    def _new_laplace(self, prec, sigma, backprop: bool = False) -> Laplace:
+    def _new_laplace(self, prec, sigma) -> Laplace:
         a = self.args
         return Laplace(
             self.model,
@@ -393,7 +472,6 @@ class MargLikTrainer(Trainer):
             dict_key_x=a.dict_key_x,
             dict_key_y=a.dict_key_y,
             n_mc_samples=a.n_mc_samples,
-            enable_backprop=backprop,
             factor_rank=a.factor_rank,
         )
 
@@ -409,7 +487,9 @@ class MargLikTrainer(Trainer):
         finally:
             acc.even_batches = even
 
-    def _fit(self, lap: Laplace) -> Laplace:
+    def _fit(self, prec, sigma) -> Laplace:
+        """A new Laplace approximation with these hyperparameters, fit on the curvature data."""
+        lap = self._new_laplace(prec, sigma)
         was_training = self.model.training
         subset = self.args.marglik_subset is not None
         dataset, weights = self._fit_dataset, None
@@ -427,72 +507,17 @@ class MargLikTrainer(Trainer):
         return lap
 
     def _marglik_update(self) -> None:
-        """Fit the curvature and step the hyperparameters. A fit with NaN or Inf (a diverged
-        model, a float16 overflow), or an update whose first hyper-step the hyper-optimizer
-        rejects, is skipped with a ``RuntimeWarning``: the hyperparameters, ``laplace`` and the
-        best model stay as they were, the step goes to ``marglik_skipped_steps`` and
-        ``marglik_skipped`` is logged."""
-        hyper = self._hyper
-        lap, fault = self._checked_fit(self._new_laplace(hyper.prior_precision, hyper.sigma_noise))
-        if fault is not None:
-            warnings.warn(
-                f"Skipping the hyperparameter update at step {self.state.global_step}: the "
-                f"curvature fit is not finite ({fault}); a diverged model or a float16 "
-                "overflow? The prior precision and noise keep their previous values and "
-                "training goes on.",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            values = []
-        else:
-            values = hyper.step(lap, self.args.n_hypersteps)  # warns itself when it skips
-        if not values:
-            self.marglik_skipped_steps.append(self.state.global_step)
+        """One update of :class:`~hf_marglik.loop.MargLikLoop` at this step; a skipped one
+        (non-finite fit, rejected first hyper-step) logs ``marglik_skipped``."""
+        lap = self.marglik_loop.update(self.state.global_step, self._fit)
+        if lap is None:
             self.log({"marglik_skipped": 1.0})
             return
-        self.laplace = lap
-        self.margliks.extend(values)
-        self.marglik_update_steps.append(self.state.global_step)
-        if values[-1] < self._best_marglik:
-            self._best_marglik = values[-1]
-            self._best = {
-                "params": [p.detach().clone() for p in self._params],
-                "prior_precision": hyper.evaluated_prior_precision.clone(),
-                "sigma_noise": hyper.evaluated_sigma_noise.clone(),
-                "step": self.state.global_step,
-            }
-        self._keep_fit(lap)
-        self.log(self._hyper_logs(-values[-1], lap.n_clipped))
-
-    def _keep_fit(self, lap: Laplace) -> None:
-        """Keep this update's fit and the best update's (for reuse at the end), drop others."""
-        step = self.state.global_step
-        keep = {step} | ({self._best["step"]} if self._best is not None else set())
-        self._fitted_at = {s: f for s, f in {**self._fitted_at, step: lap}.items() if s in keep}
-
-    def _checked_fit(self, lap: Laplace) -> tuple[Laplace, str | None]:
-        """Fit ``lap``; return it and ``None``, or a description of what is not finite. The
-        check is the log marginal likelihood at the current hyperparameters: finite exactly
-        when the fit's loss and every curvature eigenvalue are finite."""
-        failed = None
-        try:
-            self._fit(lap)
-        except torch.linalg.LinAlgError as err:  # eigh of a matrix with Inf, or NaN on GPU
-            failed = err
-        if lap.loss is not None and not torch.isfinite(lap.loss):
-            return lap, f"the training loss over the fit's data is {float(lap.loss)}"
-        try:
-            if failed is not None:
-                raise failed
-            value = lap.log_marginal_likelihood()
-        except torch.linalg.LinAlgError as err:
-            return lap, f"its decomposition failed: {err}"
-        if not torch.isfinite(value):
-            return lap, f"the curvature holds NaN or Inf; log marginal likelihood {float(value)}"
-        return lap, None
+        self.log(self._hyper_logs(-self.margliks[-1], lap.n_clipped))
 
     def _hyper_logs(self, log_marglik: float, n_clipped: int = 0) -> dict[str, float]:
-        prec = self._hyper.prior_precision
+        hyper = self.marglik_loop.hyper
+        prec = hyper.prior_precision
         logs = {
             "marglik": log_marglik,
             "marglik_n_clipped": n_clipped,
@@ -500,12 +525,11 @@ class MargLikTrainer(Trainer):
             "prior_prec_min": float(prec.min()),
             "prior_prec_max": float(prec.max()),
         }
-        structure = self.args.prior_structure
-        if structure != PriorStructure.SCALAR:
+        if self.args.prior_structure != PriorStructure.SCALAR:
             per_layer = self._per_layer(prec)
-            logs.update({f"prior_prec/{n}": v for n, v in per_layer.items()})
+            logs.update({f"{PER_TENSOR_PREFIX}{n}": v for n, v in per_layer.items()})
         if self.args.likelihood == Likelihood.REGRESSION:
-            logs["sigma_noise"] = float(self._hyper.sigma_noise)
+            logs["sigma_noise"] = float(hyper.sigma_noise)
         return logs
 
     def _per_layer(self, prec: torch.Tensor) -> dict[str, float]:
@@ -520,60 +544,29 @@ class MargLikTrainer(Trainer):
         return {n.removeprefix("base_model.model."): v for n, v in zip(self._names, values)}
 
     def _finish(self) -> None:
-        a, hyper = self.args, self._hyper
-        prec, sigma = hyper.prior_precision, hyper.sigma_noise
-        if a.restore_best_marglik and self._best is not None:
-            with torch.no_grad():
-                for p, b in zip(self._params, self._best["params"]):
-                    p.copy_(b)
-            prec, sigma = self._best["prior_precision"], self._best["sigma_noise"]
-            step = self._best["step"]
+        a, loop = self.args, self.marglik_loop
+        step = self.state.global_step
+        best_ckpt = self.state.best_model_checkpoint if a.load_best_model_at_end else None
+        if best_ckpt is not None and os.path.isfile(os.path.join(best_ckpt, STATE_NAME)):
+            # the Trainer loaded this checkpoint's parameters: take its hyperparameters too
+            sd = self._read_state(best_ckpt)
+            loop.hyper.load_state_dict(sd["loop"]["hyper"])
+            step = int(best_ckpt.rstrip(os.sep).rsplit("-", 1)[-1])
+            kept = f"the model load_best_model_at_end loaded ({best_ckpt}, by {a.metric_for_best_model})"
+        elif a.restore_best_marglik and loop.best is not None:
+            kept = f"the parameters of the best marginal likelihood (step {loop.best.step})"
         else:
-            step = self.state.global_step
-        # a fit made at exactly the final parameters (the best update's, or the last update's
-        # when training ended with it) is reused with the final hyperparameters; otherwise (a
-        # resumed run whose best came before the checkpoint, steps after the last update) refit
-        lap = self._fitted_at.get(step)
-        self._final_hyper = (prec, sigma)
-        if lap is None or a.enable_backprop:
-            new = self._new_laplace(prec, sigma, backprop=a.enable_backprop)
-            lap, fault = self._checked_fit(new)
-            if fault is not None:
-                warnings.warn(
-                    f"The final Laplace approximation is not finite ({fault}): trainer.laplace "
-                    "is None; the learned hyperparameters are kept.",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-                lap = None
-        else:
-            lap.prior_precision = prec
-            if a.likelihood == Likelihood.REGRESSION:
-                lap.sigma_noise = sigma
-        self.laplace, self._fitted_at = lap, {}
-        self._final = True
-
-    @property
-    def best_marglik(self) -> float | None:
-        """The best log marginal likelihood seen during training (None before any update)."""
-        return None if self._best is None else -self._best_marglik
+            kept = f"the last model (step {step})"
+        loop.finish(step, self._fit)
+        logger.info("%s keeps %s.", type(self).__name__, kept)
 
     # ------------------------------------------------------------------ saving
     def _state_dict(self) -> dict:
-        best = self._best
-        if best is not None:
-            best = {**best, "params": [p.detach().cpu() for p in best["params"]]}
         return {
-            "version": 1,
+            "version": STATE_VERSION,
             "param_names": list(self._names),
             "n_data": self.n_data,
-            "hyper": self._hyper.state_dict(),
-            "best": best,
-            "best_marglik": self._best_marglik,
-            "margliks": list(self.margliks),
-            "losses": list(self.losses),
-            "marglik_update_steps": list(self.marglik_update_steps),
-            "marglik_skipped_steps": list(self.marglik_skipped_steps),
+            "loop": self.marglik_loop.state_dict(),
             "epoch_loss": float(self._epoch_loss),
             "epoch_items": self._epoch_items,
             "subset_scores": (
@@ -582,56 +575,61 @@ class MargLikTrainer(Trainer):
         }
 
     def _on_save(self) -> None:
-        if self._hyper is None or not self.args.should_save:
+        if self.marglik_loop is None or not self.args.should_save:
             return
-        folder = os.path.join(
-            self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        )
+        folder = checkpoint_folder(self.args.output_dir, self.state.global_step)
         if not os.path.isdir(folder):
             warnings.warn(
                 f"Checkpoint folder {folder} not found; marglik state not saved.", stacklevel=2
             )
             return
-        _atomic(os.path.join(folder, STATE_NAME), torch.save, self._state_dict())
+        save_torch(self._state_dict(), os.path.join(folder, STATE_NAME))
 
-    def _load_state(self, checkpoint: str) -> None:
+    def _read_state(self, checkpoint: str) -> dict:
+        """The state file of ``checkpoint``, in the current format (version 1 files, written by
+        hf_marglik 0.1, are converted)."""
         path = os.path.join(checkpoint, STATE_NAME)
         if not os.path.isfile(path):
             raise FileNotFoundError(
-                f"{path} is missing: {checkpoint} was not written by MargLikTrainer, so the "
-                "hyperparameters cannot be resumed. Resume from a MargLikTrainer checkpoint or "
-                "start without resume_from_checkpoint."
+                f"{path} is missing: {checkpoint} was not written by {type(self).__name__} (or "
+                "another marginal-likelihood trainer), so the hyperparameters cannot be resumed. "
+                "Resume from such a checkpoint or start without resume_from_checkpoint."
             )
-        device = self._params[0].device
-        sd = torch.load(path, map_location=device, weights_only=True)
+        sd = torch.load(path, map_location=self._params[0].device, weights_only=True)
         if sd["param_names"] != self._names:
             raise ValueError(f"{path} was saved for different trainable parameters.")
-        self._hyper.load_state_dict(sd["hyper"])
-        self._best, self._best_marglik = sd["best"], sd["best_marglik"]
-        self.margliks, self.losses = list(sd["margliks"]), list(sd["losses"])
-        self.marglik_update_steps = list(sd["marglik_update_steps"])
-        self.marglik_skipped_steps = list(sd.get("marglik_skipped_steps", []))
+        if sd.get("version", 1) == 1:
+            best = sd["best"]
+            sd["loop"] = {
+                "hyper": sd["hyper"],
+                "best": None if best is None else {**best, "value": sd["best_marglik"]},
+                "margliks": sd["margliks"],
+                "losses": sd["losses"],
+                "update_steps": sd["marglik_update_steps"],
+                "skipped_steps": sd.get("marglik_skipped_steps", []),
+            }
+        return sd
+
+    def _load_state(self, checkpoint: str) -> None:
+        sd = self._read_state(checkpoint)
+        self.marglik_loop.load_state_dict(sd["loop"])
         self._epoch_loss, self._epoch_items = sd["epoch_loss"], sd["epoch_items"]
         if self._curvature_subset is not None and sd.get("subset_scores") is not None:
             self._curvature_subset.load_state_dict(sd["subset_scores"])
 
     def hyperparameters(self) -> dict:
         """The hyperparameters as plain JSON data: final ones after :meth:`train`, else current."""
-        hyper, a = self._hyper, self.args
-        if hyper is None:
+        loop, a = self.marglik_loop, self.args
+        if loop is None:
             raise RuntimeError("No hyperparameters yet: call train() first.")
-        if self._final:
-            prec, sigma = self._final_hyper
-        else:
-            prec, sigma = hyper.prior_precision, hyper.sigma_noise
-        prec = prec.detach().cpu().double()
+        prec = loop.prior_precision.detach().cpu().double()
         out = {
             "likelihood": a.likelihood.value,
             "prior_structure": a.prior_structure.value,
             "hessian_structure": a.hessian_structure.value,
             "backend": a.backend.value,
             "temperature": a.temperature,
-            "sigma_noise": float(sigma),
+            "sigma_noise": float(loop.sigma_noise),
             "n_data": self.n_data,
             "log_marglik": self.best_marglik,
             "param_names": list(self._names),
@@ -645,22 +643,22 @@ class MargLikTrainer(Trainer):
         """``Trainer.save_model`` and ``marglik_hyperparameters.json`` beside it (and, for a
         diagonal prior over more than 100k parameters, ``marglik_prior_precision.pt``)."""
         super().save_model(output_dir, _internal_call=_internal_call)
-        if self._hyper is None or not self.args.should_save:
+        if self.marglik_loop is None or not self.args.should_save:
             return
         output_dir = output_dir or self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
         data = self.hyperparameters()
         if "prior_precision" not in data:
-            prec = self._hyper.prior_precision.cpu()
-            if self._final:
-                prec = self._final_hyper[0].detach().cpu()
-            _atomic(os.path.join(output_dir, "marglik_prior_precision.pt"), torch.save, prec)
-        _atomic(os.path.join(output_dir, HYPERPARAMETERS_NAME), _write_json, data)
+            prec = self.marglik_loop.prior_precision.detach().cpu()
+            save_torch(prec, os.path.join(output_dir, "marglik_prior_precision.pt"))
+        save_json(data, os.path.join(output_dir, HYPERPARAMETERS_NAME))
 
 
-def _write_json(obj, path: str) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
+class MargLikTrainer(MargLikTrainerMixin, Trainer):
+    """A ``Trainer`` that learns the prior precision (and observation noise) by the Laplace
+    marginal likelihood while it trains the model on the log joint: swap it for
+    ``transformers.Trainer`` and ``MargLikTrainingArguments`` for ``TrainingArguments``.
+    Everything it adds is described in :class:`MargLikTrainerMixin`."""
 
 
 def _sum_over_processes(n: int) -> int:
@@ -672,43 +670,3 @@ def _sum_over_processes(n: int) -> int:
         t = t.cuda()
     dist.all_reduce(t)
     return int(t.item())
-
-
-def last_complete_checkpoint(output_dir: str | None) -> str:
-    """The ``checkpoint-<step>`` folder of ``output_dir`` with the highest step that holds
-    ``marglik_state.pt`` (written last into a checkpoint, so its presence means the Trainer's
-    files before it are complete); later folders without it are skipped with a warning."""
-    if not output_dir or not os.path.isdir(output_dir):
-        raise ValueError(f"No checkpoint in output_dir={output_dir!r} to resume from.")
-    pattern = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
-    steps = sorted(
-        (int(m.group(1)), name)
-        for name in os.listdir(output_dir)
-        if (m := pattern.match(name)) and os.path.isdir(os.path.join(output_dir, name))
-    )
-    incomplete = []
-    for _, name in reversed(steps):
-        folder = os.path.join(output_dir, name)
-        if os.path.isfile(os.path.join(folder, STATE_NAME)):
-            if incomplete:
-                warnings.warn(
-                    f"Skipping incomplete checkpoint(s) {', '.join(incomplete)} (no "
-                    f"{STATE_NAME}: the run was killed while saving?); resuming from {folder}.",
-                    UserWarning,
-                    stacklevel=3,
-                )
-            return folder
-        incomplete.append(name)
-    if incomplete:
-        raise ValueError(
-            f"No complete MargLikTrainer checkpoint in output_dir={output_dir!r}: "
-            f"{', '.join(reversed(incomplete))} lack {STATE_NAME}. Start without "
-            "resume_from_checkpoint."
-        )
-    raise ValueError(f"No checkpoint in output_dir={output_dir!r} to resume from.")
-
-
-def _atomic(path: str, write, obj) -> None:
-    """Write ``obj`` with ``write(obj, tmp)`` and move it into place: never a partial file."""
-    write(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)

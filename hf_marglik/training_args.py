@@ -1,5 +1,8 @@
 """``MargLikTrainingArguments``: ``TrainingArguments`` plus the settings of marginal-likelihood
-training, named and defaulted as in laplace-torch's ``marglik_training``."""
+training, named and defaulted as in laplace-torch's ``marglik_training``.
+
+The settings live in :class:`MargLikArguments`, a dataclass mixin that any ``TrainingArguments``
+subclass can take first in its bases (TRL's ``SFTConfig`` in :mod:`hf_marglik.sft`)."""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ import math
 import warnings
 from dataclasses import dataclass, field
 
+import torch
 from transformers import TrainingArguments
 
 from .hyper import check_settings
@@ -24,8 +28,9 @@ from .options import (
 
 
 @dataclass
-class MargLikTrainingArguments(TrainingArguments):
-    """Arguments of :class:`~hf_marglik.trainer.MargLikTrainer`.
+class MargLikArguments:
+    """The marginal-likelihood settings of :class:`MargLikTrainingArguments` (and of
+    ``MargLikSFTConfig``): a mixin, put first in the bases of a ``TrainingArguments`` subclass.
 
     Model and likelihood:
         likelihood: ``"classification"`` (one label per sequence), ``"regression"`` (Gaussian)
@@ -73,9 +78,11 @@ class MargLikTrainingArguments(TrainingArguments):
             would give too few hyperparameter updates; ``marglik_frequency`` is then unused.
         restore_best_marglik: at the end, restore the trainable parameters with the best
             marginal likelihood seen (laplace-torch's behaviour); False keeps the last model.
+            None (default): True unless ``load_best_model_at_end`` is set, whose choice (by
+            ``metric_for_best_model``) then wins. Both True is refused.
 
     Evaluation (classification): ``evaluate()`` reports accuracy, NLL, ECE (15 bins) and Brier
-    score of the MAP model (``eval_accuracy`` …) and of the Laplace predictive
+    score of the MAP model (``eval_map_accuracy`` …) and of the Laplace predictive
     (``eval_laplace_accuracy`` …):
         eval_laplace: report the Laplace predictive at all (default True; it costs about one
             backward pass per class per evaluation batch with ``"glm"``).
@@ -90,7 +97,8 @@ class MargLikTrainingArguments(TrainingArguments):
             ``marglik_state.pt``) and set back to False with a warning.
 
     ``weight_decay`` must stay 0: the learned prior replaces it (a positive value is set to 0
-    with a warning, as laplace-torch does).
+    with a warning, as laplace-torch does). ``dataloader_pin_memory`` is turned off when no
+    accelerator is available (pinning does nothing there, and torch warns on every data pass).
     """
 
     likelihood: str = field(
@@ -188,11 +196,11 @@ class MargLikTrainingArguments(TrainingArguments):
             "None keeps dense factors."
         },
     )
-    restore_best_marglik: bool = field(
-        default=True,
+    restore_best_marglik: bool | None = field(
+        default=None,
         metadata={
             "help": "Restore the parameters with the best marginal likelihood at the end; "
-            "False keeps the last model."
+            "False keeps the last model. Default: True unless load_best_model_at_end is set."
         },
     )
     eval_laplace: bool = field(
@@ -269,7 +277,7 @@ class MargLikTrainingArguments(TrainingArguments):
                 stacklevel=2,
             )
             self.weight_decay = 0.0
-        if self.enable_jit_checkpoint:
+        if getattr(self, "enable_jit_checkpoint", False):  # transformers < 5.x has no such field
             warnings.warn(
                 "enable_jit_checkpoint is replaced by save_on_sigterm=True: transformers' JIT "
                 "checkpoint skips on_save, so it would lack MargLikTrainer's state.",
@@ -277,11 +285,18 @@ class MargLikTrainingArguments(TrainingArguments):
                 stacklevel=2,
             )
             self.enable_jit_checkpoint, self.save_on_sigterm = False, True
-        if self.load_best_model_at_end and self.restore_best_marglik:
+        if self.restore_best_marglik is None:
+            self.restore_best_marglik = not self.load_best_model_at_end
+        elif self.load_best_model_at_end and self.restore_best_marglik:
             raise ValueError(
                 "load_best_model_at_end=True and restore_best_marglik=True both pick the final "
-                "model; set one of them to False."
+                "model; leave restore_best_marglik unset (load_best_model_at_end then decides) "
+                "or set one of them to False."
             )
+        if self.dataloader_pin_memory and not accelerator_available():
+            # pinning does nothing without an accelerator, and torch warns about it on every
+            # data pass (each epoch, each curvature fit, each evaluation)
+            self.dataloader_pin_memory = False
         if self.label_smoothing_factor != 0:
             raise ValueError(
                 "label_smoothing_factor must be 0: MargLikTrainer computes the likelihood itself "
@@ -320,3 +335,17 @@ class MargLikTrainingArguments(TrainingArguments):
                 f"marglik_subset={s!r} is invalid; set it to a fraction in (0, 1], a whole "
                 "number of examples > 1, or None to fit the curvature on all training data."
             )
+
+
+@dataclass
+class MargLikTrainingArguments(MargLikArguments, TrainingArguments):
+    """Arguments of :class:`~hf_marglik.MargLikTrainer`: all of ``transformers.TrainingArguments``
+    plus the marginal-likelihood settings of :class:`MargLikArguments`."""
+
+
+def accelerator_available() -> bool:
+    """Whether torch sees an accelerator (CUDA, XPU, MPS, ...) that pinned memory would serve."""
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
+    if accelerator is not None:
+        return bool(accelerator.is_available())
+    return bool(torch.cuda.is_available())

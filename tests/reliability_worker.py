@@ -87,7 +87,7 @@ class Pause(TrainerCallback):
         if self.where == "fit":
             model.register_forward_pre_hook(self._in_fit)
         else:
-            self.trainer._hyper.log_prior_prec.register_hook(self._in_hyper)
+            self.trainer.marglik_loop.hyper.log_prior_prec.register_hook(self._in_hyper)
 
     def _in_fit(self, module, inputs):
         if not module.training and self.state.global_step == self.step:

@@ -72,7 +72,8 @@ def test_laplace_with_sketched_factors_is_exact_when_factors_have_low_rank():
     prec = torch.tensor([0.5, 1.0, 2.0, 3.0], dtype=F64)
     dense = Laplace(model, "classification", prior_precision=prec).fit(data)
     sketched = Laplace(model, "classification", prior_precision=prec, factor_rank=6).fit(data)
-    lb, qb, la, qa = sketched._kron[0]
+    B, A = sketched.posterior.block_factors(0)
+    qa, qb = A.vectors, B.vectors
     assert qa.shape == (48, 6)  # the wide input factor is sketched
     assert qb.shape == (20, 20)  # 20 ≤ 2·6 + 10: kept dense
     torch.testing.assert_close(
@@ -86,16 +87,14 @@ def test_laplace_with_sketched_factors_uses_them_consistently():
     eigenvectors, i.e. exactly the matrix ``curvature_dense()`` returns."""
     model, data = _wide_model_and_data(input_rank=48)
     lap = Laplace(model, "classification", prior_precision=0.7, factor_rank=6).fit(data)
-    from hf_marglik.params import per_parameter
-    from hf_marglik.posterior import covariance_dense
-
-    lb, qb, la, qa = lap._kron[0]
+    post = lap.posterior
+    A = post.block_factors(0)[1]
+    la, qa = A.values, A.vectors
     assert qa.shape == (48, 6) and la.numel() == 48 and la[6:].unique().numel() > 1  # a plateau
-    f = lap._H_factor(lap.sigma_noise)
-    P = torch.diag(per_parameter(lap.prior_precision, lap._sizes))
+    f = lap.likelihood_factor()
+    P = torch.diag(lap.prior_precision_diag)
     logdet = sum(
-        torch.log(f * (lb_ if la_ is None else torch.outer(lb_, la_).reshape(-1)) + 0.7).sum()
-        for lb_, _, la_, _ in lap._kron
+        torch.log(f * post.block_eigenvalues(i) + 0.7).sum() for i in range(len(lap.sizes))
     )
     ref = -lap.loss - 0.5 * (logdet - torch.logdet(P) + lap.mean @ P @ lap.mean)
     torch.testing.assert_close(lap.log_marginal_likelihood(), ref, rtol=1e-10, atol=1e-10)
@@ -105,7 +104,7 @@ def test_laplace_with_sketched_factors_uses_them_consistently():
     torch.testing.assert_close(la.sum(), torch.trace(A), rtol=1e-10, atol=0)
     # samples and the GLM predictive: the inverse of that curvature plus the prior
     Sigma = torch.linalg.inv(f * lap.curvature_dense() + P)
-    torch.testing.assert_close(covariance_dense(lap), Sigma, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(lap.posterior_covariance, Sigma, rtol=1e-8, atol=1e-10)
 
 
 def test_plateau_tail_keeps_the_trace_and_matches_the_second_moment():
@@ -171,7 +170,8 @@ def test_layers_reading_one_input_share_their_input_factor_until_it_differs():
     y = torch.randint(0, 2, (6,), generator=g)
     # one batch with a shared input: one factor object, decomposed once
     lap = Laplace(model, "classification").fit([(same, y)])
-    assert lap._kron[0][2] is lap._kron[2][2]  # weights of a and b: the same λ_A tensor
+    post = lap.posterior  # weights of a and b: one input factor, named by the same index
+    assert post.blocks[0][1] == post.blocks[2][1] and len(post.factors) == 3  # B_a, B_b, A
     # a second batch with different inputs splits it: equal to the dense per-layer reference
     lap = Laplace(model, "classification").fit([(same, y), (different, y)])
     h1, h2 = same[:, :3], different[:, :3]
@@ -212,7 +212,7 @@ def test_sketched_factors_data_parallel_equal_one_process(tmp_path):
     mp.spawn(_sketch_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
     model, data = _wide_model_and_data(input_rank=48)
     ref = Laplace(model, "classification", prior_precision=0.7, factor_rank=6).fit(data)
-    assert ref._kron[0][3].shape == (48, 6)  # sketched
+    assert ref.posterior.block_factors(0)[1].vectors.shape == (48, 6)  # sketched
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         assert got["n"] == ref.n_data == 60

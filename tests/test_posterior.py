@@ -5,8 +5,6 @@ import torch
 from torch import nn
 
 from hf_marglik import Laplace, calibration_metrics
-from hf_marglik.params import per_parameter
-from hf_marglik.posterior import covariance_dense, samples
 from hf_marglik.predictive import glm_moments
 
 CASES = [
@@ -46,7 +44,7 @@ def _jacobian(model, x):
 
 
 def _dense_sigma(lap):
-    P = torch.diag(per_parameter(lap.prior_precision, lap._sizes))
+    P = torch.diag(lap.prior_precision_diag)
     f = 1.0 / (lap.sigma_noise**2 * lap.temperature)
     return torch.linalg.inv(f * lap.curvature_dense() + P)
 
@@ -59,7 +57,7 @@ def test_glm_covariance_equals_dense_j_sigma_jt(structure, prior):
     lap = Laplace(model, "classification", hessian_structure=structure, prior_precision=prec)
     lap.fit(data)
     S = _dense_sigma(lap)
-    torch.testing.assert_close(covariance_dense(lap), S, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(lap.posterior_covariance, S, rtol=1e-9, atol=1e-12)
     J = _jacobian(model, xt)
     _, cov = glm_moments(lap, xt)
     torch.testing.assert_close(cov, torch.einsum("ncp,pq,ndq->ncd", J, S, J), rtol=1e-9, atol=1e-12)
@@ -75,7 +73,7 @@ def test_samples_converge_to_posterior_covariance(structure, prior):
     S = _dense_sigma(lap)
     g = torch.Generator().manual_seed(0)
     n = 20000
-    draws = torch.cat(samples(lap, n, g), dim=1)
+    draws = torch.cat(lap.sample_deltas(n, g), dim=1)
     emp = draws.T @ draws / n
     # standard error of a covariance entry is about sqrt((S_ii S_jj + S_ij²) / n)
     se = torch.sqrt((torch.outer(S.diagonal(), S.diagonal()) + S**2) / n)
@@ -111,11 +109,17 @@ def test_nn_predictive_restores_parameters_and_mode():
 def test_regression_glm_returns_function_mean_and_variance():
     model, data, xt = _setup("regression")
     lap = Laplace(model, "regression", sigma_noise=0.5, prior_precision=2.0).fit(data)
-    mean, var = lap(xt)
+    mean, cov = lap(xt)  # laplace-torch's shapes: (n, k) and (n, k, k)
     torch.testing.assert_close(mean, model(xt).detach())
     J = _jacobian(model, xt)
-    ref = torch.einsum("ncp,pq,ncq->nc", J, _dense_sigma(lap), J)
-    torch.testing.assert_close(var, ref, rtol=1e-9, atol=1e-12)
+    ref = torch.einsum("ncp,pq,ndq->ncd", J, _dense_sigma(lap), J)
+    torch.testing.assert_close(cov, ref, rtol=1e-9, atol=1e-12)
+    _, var = lap(xt, diagonal_output=True)
+    torch.testing.assert_close(var, torch.diagonal(ref, dim1=1, dim2=2), rtol=1e-9, atol=1e-12)
+    joint_mean, joint = lap(xt, joint=True)  # the joint Gaussian over all outputs of the batch
+    torch.testing.assert_close(joint_mean, mean.reshape(-1))
+    Jf = J.reshape(-1, J.shape[-1])
+    torch.testing.assert_close(joint, Jf @ _dense_sigma(lap) @ Jf.T, rtol=1e-9, atol=1e-12)
 
 
 def test_state_dict_round_trip_predicts_identically():
@@ -174,7 +178,10 @@ def test_compressed_factors_are_used_consistently():
     lap = Laplace(model, "classification", prior_precision=prec).fit(data)
     full_lml = lap.log_marginal_likelihood()
     lap.compress(rank=3)
-    for (_, qb, _, qa), (Bm, Am) in zip(lap._kron, lap.kron_factors()):
+    post = lap.posterior
+    for i, (Bm, Am) in enumerate(lap.kron_factors()):
+        B, A = post.block_factors(i)
+        qb, qa = B.vectors, None if A is None else A.vectors
         assert qb.shape[1] == min(3, Bm.shape[0])
         # the trace is preserved and the compressed factor is PSD
         assert torch.linalg.eigvalsh(Bm).min() > -1e-12
@@ -182,11 +189,11 @@ def test_compressed_factors_are_used_consistently():
             assert qa.shape[1] == min(3, Am.shape[0])
     # the posterior of the compressed factors, densely
     S = _dense_sigma(lap)
-    torch.testing.assert_close(covariance_dense(lap), S, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(lap.posterior_covariance, S, rtol=1e-9, atol=1e-12)
     J = _jacobian(model, xt)
     _, cov = glm_moments(lap, xt)
     torch.testing.assert_close(cov, torch.einsum("ncp,pq,ndq->ncd", J, S, J), rtol=1e-9, atol=1e-12)
-    P = torch.diag(per_parameter(lap.prior_precision, lap._sizes))
+    P = torch.diag(lap.prior_precision_diag)
     theta = lap.mean
     dense_lml = -lap.loss - 0.5 * (
         torch.logdet(lap.curvature_dense() + P) - torch.logdet(P) + theta @ P @ theta
@@ -202,7 +209,7 @@ def test_compressed_samples_follow_compressed_covariance():
     S = _dense_sigma(lap)
     g = torch.Generator().manual_seed(0)
     n = 20000
-    draws = torch.cat(samples(lap, n, g), dim=1)
+    draws = torch.cat(lap.sample_deltas(n, g), dim=1)
     se = torch.sqrt((torch.outer(S.diagonal(), S.diagonal()) + S**2) / n)
     assert ((draws.T @ draws / n - S).abs() / se).max() < 6.0
 

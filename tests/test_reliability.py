@@ -215,7 +215,7 @@ class _FaultAt(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         trainer = self.trainer_ref[0]
-        self.precisions[state.global_step - 1] = trainer._hyper.prior_precision.clone()
+        self.precisions[state.global_step - 1] = trainer.marglik_loop.hyper.prior_precision.clone()
         last = state.global_step == state.max_steps
         on = state.global_step in self.steps or (last and self.final)
         model.fault = self.fault if on else None
@@ -271,7 +271,7 @@ def test_non_finite_curvature_fit_is_skipped(tmp_path, fault):
     assert not torch.equal(p[2], p[1])  # the update at step 2 moved it
     assert torch.equal(p[4], p[3])  # the skipped update at step 4 did not
     assert not torch.equal(p[6], p[5])
-    assert torch.equal(trainer._hyper.prior_precision, p[7])
+    assert torch.equal(trainer.marglik_loop.hyper.prior_precision, p[7])
     assert len(trainer.margliks) == 2 * 3 and all(math.isfinite(v) for v in trainer.margliks)
 
     assert trainer.laplace is None  # the final fit was not finite: no NaN posterior is kept
@@ -281,11 +281,11 @@ def test_non_finite_curvature_fit_is_skipped(tmp_path, fault):
     trainer.save_model(str(tmp_path / "final"))
     saved = json.loads((tmp_path / "final" / HYPERPARAMETERS_NAME).read_text())
     assert _all_finite(saved) and saved["log_marglik"] == trainer.best_marglik
-    assert saved["prior_precision"] == trainer._hyper.prior_precision.tolist()
+    assert saved["prior_precision"] == trainer.marglik_loop.hyper.prior_precision.tolist()
     for step in (2, 4, 6, 8):
         state = torch.load(tmp_path / "out" / f"checkpoint-{step}" / STATE_NAME, weights_only=True)
         assert _all_finite(state), step
-        assert state["marglik_skipped_steps"] == [s for s in (4, 8) if s <= step]
+        assert state["loop"]["skipped_steps"] == [s for s in (4, 8) if s <= step]
 
 
 def test_hyper_step_to_infinite_precision_is_skipped(tmp_path):
@@ -298,12 +298,12 @@ def test_hyper_step_to_infinite_precision_is_skipped(tmp_path):
     )
     with pytest.warns(RuntimeWarning, match="would make a precision or the noise 0 or infinite"):
         trainer.train()
-    assert torch.equal(trainer._hyper.prior_precision, torch.full((4,), 2.0, dtype=torch.float64))
+    assert torch.equal(trainer.marglik_loop.hyper.prior_precision, torch.full((4,), 2.0, dtype=torch.float64))
     assert trainer.marglik_update_steps == [2] and len(trainer.margliks) == 1
     (log,) = [e for e in trainer.state.log_history if "marglik" in e]
     assert log["prior_prec_min"] == log["prior_prec_max"] == 2.0
     assert log["marglik_n_clipped"] == trainer.laplace.n_clipped
-    assert torch.equal(trainer._best["prior_precision"], trainer._hyper.prior_precision)
+    assert torch.equal(trainer.marglik_loop.best.prior_precision, trainer.marglik_loop.hyper.prior_precision)
 
 
 def test_rejected_later_hyper_step_keeps_evaluated_values_current():
@@ -581,7 +581,7 @@ def test_process_sigkill_in_hyper_update(background, uninterrupted):
     out = background.tmp / "kill_hyper"
     assert _checkpoints(out)[-1] == "checkpoint-5"
     state = torch.load(out / "checkpoint-5" / STATE_NAME, weights_only=True)
-    assert state["marglik_update_steps"] == [3]
+    assert state["loop"]["update_steps"] == [3]
     assert _resume(out) == uninterrupted
 
 
@@ -598,7 +598,7 @@ def test_process_sigterm_checkpoints_and_resumes(background, uninterrupted):
     assert json.loads((out / "result.json").read_text()) == {"stopped_at": 6}
     assert _checkpoints(out) == ["checkpoint-6"]
     state = torch.load(out / "checkpoint-6" / STATE_NAME, weights_only=True)
-    assert state["marglik_update_steps"] == [3, 6] and len(state["margliks"]) == 2 * 5
+    assert state["loop"]["update_steps"] == [3, 6] and len(state["loop"]["margliks"]) == 2 * 5
     assert _resume(out, save=False) == uninterrupted
 
 

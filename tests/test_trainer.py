@@ -184,20 +184,20 @@ def test_lora_bert_sequence_classification(tmp_path):
     assert logs[-1]["marglik"] == pytest.approx(-trainer.margliks[-1])
 
     _check_only_trainable_moved(model, before)
-    best = trainer._best
+    best = trainer.marglik_loop.best
     last_of_each = [trainer.margliks[2], trainer.margliks[5]]
-    assert best["step"] == [4, 8][last_of_each.index(min(last_of_each))]
-    for p, b in zip(trainer._params, best["params"]):
+    assert best.step == [4, 8][last_of_each.index(min(last_of_each))]
+    for p, b in zip(trainer.marglik_loop.params, best.params):
         assert torch.equal(p, b)
-    assert torch.equal(trainer.laplace.prior_precision, best["prior_precision"])
+    assert torch.equal(trainer.laplace.prior_precision, best.prior_precision)
     assert trainer.laplace.n_data == 16 and model.training
     metrics = trainer.evaluate()
     assert math.isfinite(metrics["eval_loss"])
     for name in ("accuracy", "nll", "ece", "brier"):
-        assert math.isfinite(metrics[f"eval_{name}"])
+        assert math.isfinite(metrics[f"eval_map_{name}"])
         assert math.isfinite(metrics[f"eval_laplace_{name}"])
     # the Laplace predictive is the posterior's, not the MAP model's
-    assert metrics["eval_laplace_nll"] != metrics["eval_nll"]
+    assert metrics["eval_laplace_nll"] != metrics["eval_map_nll"]
 
 
 @pytest.mark.parametrize("build", [_gpt2, _llama], ids=["gpt2", "llama"])
@@ -327,12 +327,12 @@ def test_update_leaves_gradients_optimizer_and_mode(tmp_path):
     grads = [torch.randn_like(p) for p in trainer.model.parameters()]
     for p, g in zip(trainer.model.parameters(), grads):
         p.grad = g.clone()
-    before = trainer._hyper.log_prior_prec.detach().clone()
+    before = trainer.marglik_loop.hyper.log_prior_prec.detach().clone()
     for mode in (True, False):
         trainer.model.train(mode)
         trainer._marglik_update()
         assert trainer.model.training is mode
-    assert not torch.equal(trainer._hyper.log_prior_prec, before)
+    assert not torch.equal(trainer.marglik_loop.hyper.log_prior_prec, before)
     for p, g in zip(trainer.model.parameters(), grads):
         assert torch.equal(p.grad, g)
     for k, s in trainer.optimizer.state.items():
@@ -401,7 +401,7 @@ def test_resume_equals_uninterrupted(tmp_path):
         assert resumed.margliks == full.margliks
         assert resumed.losses == full.losses
         assert resumed.marglik_update_steps == full.marglik_update_steps == [2, 4, 6, 8]
-        assert torch.equal(resumed._hyper.log_prior_prec, full._hyper.log_prior_prec)
+        assert torch.equal(resumed.marglik_loop.hyper.log_prior_prec, full.marglik_loop.hyper.log_prior_prec)
         assert torch.equal(resumed.laplace.prior_precision, full.laplace.prior_precision)
         for p, q in zip(resumed.model.parameters(), full.model.parameters()):
             assert torch.equal(p, q)
@@ -419,12 +419,12 @@ def test_restore_best_or_keep_last(tmp_path):
     best = _mlp_trainer(tmp_path / "b", dataset=data, num_train_epochs=4)
     best.train()
     assert last.margliks == best.margliks
-    for p, b in zip(best._params, last._best["params"]):
+    for p, b in zip(best.marglik_loop.params, last.marglik_loop.best.params):
         assert torch.equal(p, b)
-    assert torch.equal(best.laplace.mean, torch.cat([b.reshape(-1) for b in last._best["params"]]))
-    assert torch.equal(last.laplace.prior_precision, last._hyper.prior_precision)
-    if last._best["step"] != last.marglik_update_steps[-1]:
-        assert not all(torch.equal(p, b) for p, b in zip(last._params, last._best["params"]))
+    assert torch.equal(best.laplace.mean, torch.cat([b.reshape(-1) for b in last.marglik_loop.best.params]))
+    assert torch.equal(last.laplace.prior_precision, last.marglik_loop.hyper.prior_precision)
+    if last.marglik_loop.best.step != last.marglik_update_steps[-1]:
+        assert not all(torch.equal(p, b) for p, b in zip(last.marglik_loop.params, last.marglik_loop.best.params))
 
 
 @pytest.mark.parametrize(
@@ -451,7 +451,7 @@ def test_final_laplace_equals_a_fresh_fit(tmp_path, kw):
         lap.log_marginal_likelihood(), fresh.log_marginal_likelihood(), rtol=1e-12
     )
     assert float(lap.loss) == pytest.approx(float(fresh.loss), rel=1e-12)
-    expected = trainer._best["prior_precision"] if trainer.args.restore_best_marglik else None
+    expected = trainer.marglik_loop.best.prior_precision if trainer.args.restore_best_marglik else None
     if expected is not None:
         assert torch.equal(lap.prior_precision, expected)
 
@@ -498,8 +498,11 @@ def test_bad_arguments(tmp_path):
         _args(tmp_path, marglik_steps=0)
     with pytest.raises(ValueError, match="marglik_subset"):
         _args(tmp_path, marglik_subset=2.5)
+    both = dict(load_best_model_at_end=True, eval_strategy="epoch", save_strategy="epoch")
     with pytest.raises(ValueError, match="load_best_model_at_end"):
-        _args(tmp_path, load_best_model_at_end=True, eval_strategy="epoch", save_strategy="epoch")
+        _args(tmp_path, restore_best_marglik=True, **both)
+    assert _args(tmp_path, **both).restore_best_marglik is False  # the user's choice wins
+    assert _args(tmp_path).restore_best_marglik is True
     with pytest.warns(UserWarning, match="weight_decay"):
         args = _args(tmp_path, weight_decay=0.1)
     assert args.weight_decay == 0.0

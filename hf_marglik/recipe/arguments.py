@@ -96,6 +96,7 @@ class DataArguments:
     ``validation_file``, ``test_file``); ``text_column``, ``label_column``, ``class_names``.
     Split: ``max_train_samples``, ``max_eval_samples``, ``max_test_samples``, ``split_seed``.
     Tokens: ``max_seq_length``, ``prompt_template``, ``answer_prefix``.
+    Outputs: ``save_predictions``.
     """
 
     dataset_name: str = field(
@@ -162,6 +163,15 @@ class DataArguments:
         default=" ",
         metadata={
             "help": "answer_token: the answer of class c is the first token of answer_prefix + c."
+        },
+    )
+    save_predictions: bool = field(
+        default=False,
+        metadata={
+            "help": "Classification: also write predictions.pt (the MAP logits and labels of the "
+            "validation and test splits and, with --marglik, the Laplace predictive's test "
+            "probabilities) and the MAP's validation metrics in metrics.json. For studies "
+            "(scripts/compare.py): temperature scaling and reliability diagrams need no re-run."
         },
     )
 

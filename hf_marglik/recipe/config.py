@@ -281,7 +281,7 @@ def _training_arguments(values: dict[str, Any], marglik: bool):
     plain ``TrainingArguments`` with the configured weight decay otherwise."""
     from transformers import TrainingArguments
 
-    from ..training_args import MargLikTrainingArguments
+    from ..training_args import MargLikTrainingArguments, accelerator_available
 
     if marglik:
         kwargs = _pick(values, MargLikTrainingArguments)
@@ -292,4 +292,7 @@ def _training_arguments(values: dict[str, Any], marglik: bool):
             )
         kwargs["weight_decay"] = 0.0
         return MargLikTrainingArguments(**kwargs)
-    return TrainingArguments(**_pick(values, TrainingArguments))
+    args = TrainingArguments(**_pick(values, TrainingArguments))
+    if not accelerator_available():  # as MargLikTrainingArguments: no per-pass pin_memory warning
+        args.dataloader_pin_memory = False
+    return args

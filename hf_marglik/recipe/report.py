@@ -11,22 +11,29 @@ from .plotting import plot_training
 
 METRICS_NAME = "metrics.json"
 PLOT_NAME = "training.png"
+PREDICTIONS_NAME = "predictions.pt"
+"""``--save_predictions``: ``torch.load`` gives ``{"class_names", "validation": {"logits",
+"labels", "metrics"}, "test": {...}, "test_laplace": {"probs", "labels", "metrics"} | None,
+"laplace": {"pred_type", "link_approx"} | None}`` (MAP logits float32, probabilities float64)."""
 POSTERIOR_NAME = "laplace_posterior.pt"
 """The fitted posterior of a ``--marglik`` run (:meth:`hf_marglik.Laplace.save`); it loads with
 :meth:`hf_marglik.Laplace.load` over the model with the adapter, without the training data."""
 
 
-def save_outputs(trainer, model, results: dict, output_dir: str | Path) -> dict[str, str]:
+def save_outputs(
+    trainer, model, results: dict, output_dir: str | Path, predictions: dict | None = None
+) -> dict[str, str]:
     """Write the adapter (peft ``save_pretrained``), the learned hyperparameters and the fitted
-    posterior (marglik runs), the training plot and ``metrics.json`` (with ``files`` and the
-    ``summary``, which are set here); return the files' paths."""
+    posterior (marglik runs), ``predictions.pt`` (when ``predictions`` is given), the training
+    plot and ``metrics.json`` last (with ``files`` and the ``summary``, which are set here);
+    return the files' paths."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_adapter(model, out)
     files = {"adapter": str(out)}
     marglik = results.get("marglik")
     if marglik is not None:
-        from ..trainer import HYPERPARAMETERS_NAME
+        from ..checkpoint import HYPERPARAMETERS_NAME
 
         path = out / HYPERPARAMETERS_NAME
         path.write_text(json.dumps(trainer.hyperparameters(), indent=2))
@@ -34,6 +41,11 @@ def save_outputs(trainer, model, results: dict, output_dir: str | Path) -> dict[
         if trainer.laplace is not None:  # the final fit, at the saved adapter's parameters
             trainer.laplace.save(out / POSTERIOR_NAME)
             files["posterior"] = str(out / POSTERIOR_NAME)
+    if predictions is not None:
+        import torch
+
+        torch.save(predictions, out / PREDICTIONS_NAME)
+        files["predictions"] = str(out / PREDICTIONS_NAME)
     title = f"{results['model']} · {results['task']} · {results['mode']}"
     plot = plot_training(
         trainer.state.log_history,

@@ -27,7 +27,7 @@ def resume_target(trainer) -> str | None:
             raise RecipeError(f"resume_from_checkpoint={value!r} is not a checkpoint folder.")
         return str(value)
     if hasattr(trainer, "sigterm_callback"):  # MargLikTrainer: the last complete checkpoint
-        from ..trainer import last_complete_checkpoint
+        from ..checkpoint import last_complete_checkpoint
 
         try:
             return last_complete_checkpoint(out)

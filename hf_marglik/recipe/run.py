@@ -15,13 +15,14 @@ from pathlib import Path
 
 import torch
 
+from ..columns import MAX_EXACT_OUTPUTS
 from .answer_token import AnswerTokenClassifier, answer_token_ids
 from .arguments import DEFAULT_PROMPTS, TASK_LIKELIHOOD
 from .config import RunConfig
 from .data import TextData, check_label_range, load_text_data
 from .encode import PadCollator, encode_splits
 from .errors import RecipeError
-from .metrics import evaluate
+from .metrics import CalibrationMeter, evaluate
 from .models import ModelSource, adapter_model, build_model, check_max_length, load_source
 from .report import POSTERIOR_NAME, marglik_results, save_outputs
 from .resume import train as train_resumable
@@ -38,7 +39,7 @@ def check_marglik_settings(cfg: RunConfig, vocab_size: int) -> None:
             f"task={task!r} needs likelihood={want!r}, got {t.likelihood.value!r}; "
             f"set --likelihood {want}."
         )
-    if task == "causal_lm" and t.backend.value == "ggn" and vocab_size > 1000:
+    if task == "causal_lm" and t.backend.value == "ggn" and vocab_size > MAX_EXACT_OUTPUTS:
         raise RecipeError(
             f"backend='ggn' needs one backward pass per vocabulary entry ({vocab_size:,}); "
             "use --backend ggn-mc for causal_lm."
@@ -79,6 +80,82 @@ def laplace_test_metrics(cfg: RunConfig, trainer, dataset) -> dict | None:
         torch.Generator().manual_seed(a.seed),
     )
     return {k.removeprefix("laplace_"): v for k, v in report.items() if k.startswith("laplace_")}
+
+
+@torch.no_grad()
+def map_logits(model, loader) -> tuple[torch.Tensor, torch.Tensor]:
+    """The MAP model's logits ``(n, K)`` (float32, CPU) and labels ``(n,)`` over ``loader``, in
+    eval mode (classification)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    logits, labels = [], []
+    try:
+        for batch in loader:
+            inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+            logits.append(model(**inputs).logits.float().cpu())
+            labels.append(batch["labels"].cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(logits), torch.cat(labels)
+
+
+def laplace_test_probs(cfg: RunConfig, trainer, loader) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Laplace predictive's class probabilities ``(n, K)`` (float64, CPU) and the labels over
+    ``loader``: the calls of :func:`hf_marglik.evaluation.calibration_report`, keeping the
+    probabilities (the same generator, seeded with the training seed)."""
+    a, lap = cfg.training, trainer.laplace
+    generator = torch.Generator().manual_seed(a.seed)
+    probs, labels = [], []
+    for batch in loader:
+        inputs = {k: v.to(lap.device) for k, v in batch.items() if k != "labels"}
+        p = lap(
+            inputs,
+            pred_type=a.pred_type,
+            link_approx=a.link_approx,
+            n_samples=a.predictive_samples,
+            generator=generator,
+        )
+        probs.append(p.detach().double().cpu())
+        labels.append(batch["labels"].cpu())
+    return torch.cat(probs), torch.cat(labels)
+
+
+def predictions(cfg: RunConfig, trainer, model, encoded, test_loader) -> dict:
+    """``--save_predictions`` (classification): the MAP logits and labels of the validation and
+    test splits and, for marglik runs with a posterior, the Laplace predictive's test
+    probabilities (what ``predictions.pt`` holds), with the metrics computed from them:
+    ``validation``, ``test`` (as :func:`~hf_marglik.recipe.metrics.evaluate` gives them) and
+    ``test_laplace`` (as :func:`laplace_test_metrics`)."""
+    from ..metrics import calibration_metrics
+
+    def meter(logits, labels):
+        m = CalibrationMeter()
+        m.update(logits, labels)
+        return m.compute()
+
+    out = {"class_names": None, "laplace": None, "test_laplace": None}
+    for split, loader in (
+        ("validation", trainer.get_eval_dataloader(encoded["validation"])),
+        ("test", test_loader),
+    ):
+        logits, labels = map_logits(model, loader)
+        out[split] = {"logits": logits, "labels": labels, "metrics": meter(logits, labels)}
+    if cfg.marglik and trainer.laplace is not None:
+        test = trainer.get_test_dataloader(encoded["test"])
+        probs, labels = laplace_test_probs(cfg, trainer, test)
+        keep = labels != -100
+        out["test_laplace"] = {
+            "probs": probs,
+            "labels": labels,
+            "metrics": calibration_metrics(probs[keep], labels[keep]),
+        }
+        a = cfg.training
+        out["laplace"] = {
+            k: getattr(v, "value", v)
+            for k, v in (("pred_type", a.pred_type), ("link_approx", a.link_approx))
+        }
+    return out
 
 
 @dataclass
@@ -164,17 +241,25 @@ def run(cfg: RunConfig) -> dict:
     set_seed(cfg.training.seed)
     model = build_model(m, cfg.lora, prep.source, prep.num_labels, prep.class_ids)
     trainer = _trainer(cfg, model, encoded, prep.collator)
-    train_start = time.time()
+    train_start, train_cpu_start = time.time(), time.process_time()
     train_resumable(trainer)  # resume_from_checkpoint; SIGTERM: checkpoint, then stop
     train_time = time.time() - train_start
+    train_cpu = time.process_time() - train_cpu_start  # this process, all threads
 
     loader = trainer.get_test_dataloader(encoded["test"])
     if not cfg.training.disable_tqdm:
         from tqdm.auto import tqdm
 
         loader = tqdm(loader, desc="Test")
-    test = evaluate(model, loader, m.task)
-    test_laplace = laplace_test_metrics(cfg, trainer, encoded["test"])
+    preds = None
+    if d.save_predictions and m.task != "causal_lm":
+        preds = predictions(cfg, trainer, model, encoded, loader)
+        test = preds["test"]["metrics"]
+        test_laplace = preds["test_laplace"]["metrics"] if preds["test_laplace"] else None
+        preds["class_names"] = data.class_names
+    else:
+        test = evaluate(model, loader, m.task)
+        test_laplace = laplace_test_metrics(cfg, trainer, encoded["test"])
 
     results = {
         "mode": "marglik" if cfg.marglik else "plain",
@@ -191,12 +276,15 @@ def run(cfg: RunConfig) -> dict:
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "test": test,
         "test_laplace": test_laplace,
+        "validation": preds["validation"]["metrics"] if preds else None,
         "train_runtime_s": train_time,
+        "train_cpu_s": train_cpu,
         "marglik": marglik_results(trainer) if cfg.marglik else None,
         "output_dir": cfg.training.output_dir,
         "log_history": trainer.state.log_history,
     }
     results["total_runtime_s"] = time.time() - start
-    save_outputs(trainer, model, results, cfg.training.output_dir)
+    results["total_cpu_s"] = time.process_time()
+    save_outputs(trainer, model, results, cfg.training.output_dir, predictions=preds)
     print("\n" + results["summary"])
     return results

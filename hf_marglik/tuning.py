@@ -1,0 +1,199 @@
+"""Post-hoc tuning of the prior precision of a fitted :class:`~hf_marglik.Laplace`, with
+laplace-torch's ``optimize_prior_precision`` arguments.
+
+``method="marglik"``: Adam on the log prior precision, ``n_steps`` steps at ``lr`` on the
+negative log marginal likelihood, starting from ``init_prior_prec`` laid out as
+``prior_structure`` (laplace-torch's protocol, and Laplace-LoRA's).
+
+``method="gridsearch"``: the prior precision from ``logspace(log_prior_prec_min,
+log_prior_prec_max, grid_size, base)`` with the lowest predictive loss on ``val_loader``
+(default: the mean negative log likelihood of the targets; for regression the Gaussian NLL of
+the predictive ``N(f*, J Σ Jᵀ + σ²)``, where laplace-torch's default MSE of the mean would not
+depend on the prior for the GLM predictive). As in laplace-torch the grid values are scalar
+precisions; ``relative=True`` (an hf_marglik extension) multiplies the *current* precisions by
+them instead, which keeps a learned layerwise structure.
+
+For ``pred_type="glm"`` the validation Jacobians are computed once, in one pass, and every grid
+value reuses them: a grid of 100 costs one Jacobian pass plus 100 cheap covariance evaluations,
+not 100 passes. ``pred_type="nn"`` needs model calls per grid value and sample.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from . import batches as B
+from .options import Likelihood, LinkApprox, PredType, PriorStructure, TuningMethod, coerce
+from .prior import Prior
+
+
+def optimize_prior_precision(
+    lap,
+    pred_type="glm",
+    method="marglik",
+    n_steps: int = 100,
+    lr: float = 1e-1,
+    init_prior_prec: float | Tensor = 1.0,
+    prior_structure=None,
+    val_loader=None,
+    loss: Callable | None = None,
+    log_prior_prec_min: float = -4,
+    log_prior_prec_max: float = 4,
+    grid_size: int = 100,
+    link_approx="probit",
+    n_samples: int = 100,
+    verbose: bool = False,
+    progress_bar: bool = False,
+    log_prior_prec_base: float = 10.0,
+    relative: bool = False,
+) -> None:
+    """Set ``lap.prior_precision`` by ``method`` (see the module docstring).
+
+    ``loss(prediction, y)`` (gridsearch): a callable of what ``lap(x, pred_type, ...)`` returns
+    for a batch (class probabilities, or ``(mean, covariance)`` for regression) and the
+    batch's targets, giving a per-batch sum; the grid value with the lowest total wins.
+    ``prior_structure`` (marglik): the layout of a float ``init_prior_prec``, by default
+    ``"scalar"`` (laplace-torch's); a tensor ``init_prior_prec`` keeps its own layout.
+    """
+    pred_type = coerce(PredType, pred_type, "pred_type")
+    link_approx = coerce(LinkApprox, link_approx, "link_approx")
+    method = coerce(TuningMethod, method, "method")
+    lap._fitted()
+    if method == TuningMethod.MARGLIK:
+        if val_loader is not None:
+            warnings.warn(
+                "val_loader is ignored with method='marglik'; did you mean method='gridsearch'?",
+                UserWarning,
+                stacklevel=3,
+            )
+        _by_marglik(lap, n_steps, lr, init_prior_prec, prior_structure, progress_bar)
+    else:
+        if val_loader is None:
+            raise ValueError(
+                "method='gridsearch' picks the prior precision by the predictive's loss on "
+                "validation data: pass val_loader=<a DataLoader of (inputs, targets) batches>."
+            )
+        if grid_size < 1:
+            raise ValueError(f"grid_size={grid_size} must be at least 1.")
+        grid = torch.logspace(
+            log_prior_prec_min, log_prior_prec_max, grid_size, base=log_prior_prec_base
+        ).to(lap.dtype)
+        _by_gridsearch(
+            lap, grid, val_loader, pred_type, link_approx, n_samples, loss, relative, progress_bar
+        )
+    if verbose:
+        print(f"Optimized prior precision is {lap.prior_precision}.")
+
+
+def _by_marglik(lap, n_steps, lr, init_prior_prec, prior_structure, progress_bar) -> None:
+    init = torch.as_tensor(init_prior_prec, dtype=lap.dtype, device=lap.device).reshape(-1)
+    if init.numel() == 1 and not isinstance(init_prior_prec, Tensor):
+        structure = coerce(PriorStructure, prior_structure or "scalar", "prior_structure")
+        init = init.expand(Prior.size(structure, lap.sizes)).clone()
+    Prior(init, lap.sizes)  # a length that fits no structure is a ValueError
+    log_prec = init.log().clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([log_prec], lr=lr)
+    for _ in tqdm(
+        range(n_steps), desc="[Optimizing marginal likelihood]", disable=not progress_bar
+    ):
+        optimizer.zero_grad()
+        neg = -lap.log_marginal_likelihood(prior_precision=log_prec.exp())
+        neg.backward()
+        optimizer.step()
+    lap.prior_precision = log_prec.detach().exp()
+
+
+def _by_gridsearch(
+    lap, grid, val_loader, pred_type, link_approx, n_samples, loss, relative, progress_bar
+) -> None:
+    base = lap.prior_precision.clone() if relative else torch.ones(1, dtype=lap.dtype)
+    loss = loss or _default_loss(lap)
+    cached = _ValidationCache(lap, val_loader) if pred_type == PredType.GLM else None
+    generator = torch.Generator(device=lap.device)
+    results: list[float] = []
+    for value in tqdm(grid, desc="[Grid search]", disable=not progress_bar):
+        lap.prior_precision = base.to(lap.device) * value
+        generator.manual_seed(0)  # the same Monte-Carlo draws for every grid value
+        try:
+            if cached is not None:
+                total = cached.loss(loss, link_approx, n_samples, generator)
+            else:
+                total = _loss_by_calls(lap, val_loader, pred_type, link_approx, n_samples, loss)
+        except torch.linalg.LinAlgError:  # a precision too small to factorise
+            total = math.inf
+        results.append(total if math.isfinite(total) else math.inf)
+    if all(r == math.inf for r in results):
+        raise ValueError("gridsearch: the predictive loss is not finite at any grid value.")
+    lap.prior_precision = base.to(lap.device) * grid[int(torch.tensor(results).argmin())]
+
+
+class _ValidationCache:
+    """The validation batches' logits, Jacobians and targets, computed once."""
+
+    def __init__(self, lap, val_loader):
+        self.lap = lap
+        self.batches = []
+        for batch in val_loader:
+            inputs, y = _split(lap, batch)
+            logits, jac = lap.output_jacobians(inputs)
+            self.batches.append((logits, jac, y))
+
+    def loss(self, loss, link_approx, n_samples, generator) -> float:
+        from .predictive import categorical, glm_covariance
+
+        lap, total = self.lap, 0.0
+        for logits, jac, y in self.batches:
+            cov = glm_covariance(lap, jac, *logits.shape)
+            if lap.likelihood == Likelihood.REGRESSION:
+                pred = (logits, cov)
+            else:
+                pred = categorical(logits, cov, link_approx, n_samples, generator)
+            total += float(loss(pred, y))
+        return total
+
+
+def _loss_by_calls(lap, val_loader, pred_type, link_approx, n_samples, loss) -> float:
+    total = 0.0
+    for batch in val_loader:
+        inputs, y = _split(lap, batch)
+        total += float(
+            loss(lap(inputs, pred_type, link_approx=link_approx, n_samples=n_samples), y)
+        )
+    return total
+
+
+def _split(lap, batch):
+    try:
+        inputs, y = B.split_batch(batch, lap.dict_key_x, lap.dict_key_y)
+    except (KeyError, TypeError) as err:
+        raise ValueError(
+            f"gridsearch needs validation batches with targets: {err.args[0]}"
+        ) from None
+    return inputs, B.to_device(y, lap.device)
+
+
+def _default_loss(lap) -> Callable:
+    """Summed negative log likelihood of the targets under the predictive."""
+    if lap.likelihood == Likelihood.REGRESSION:
+        sigma2 = float(lap.sigma_noise) ** 2
+
+        def gaussian_nll(pred, y) -> Tensor:
+            mean, cov = pred
+            var = torch.diagonal(cov, dim1=1, dim2=2) + sigma2
+            y = y.reshape(mean.shape).to(mean.dtype)
+            return 0.5 * (torch.log(2 * math.pi * var) + (y - mean) ** 2 / var).sum()
+
+        return gaussian_nll
+
+    def nll(probs, y) -> Tensor:
+        keep = y != B.IGNORE_INDEX
+        p = probs[keep].gather(-1, y[keep].long().unsqueeze(-1)).squeeze(-1)
+        return -torch.log(p.clamp_min(1e-12)).sum()
+
+    return nll
