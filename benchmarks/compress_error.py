@@ -40,9 +40,9 @@ factors), 4,194,304 LoRA parameters.
 
 Usage::
 
-    python scripts/compress_error.py --adapter outputs/default-marglik
-    python scripts/compress_error.py --adapter outputs/default-marglik --write-md
-    python scripts/compress_error.py            # trains 2 epochs of the default run first
+    python benchmarks/compress_error.py --adapter outputs/default-marglik
+    python benchmarks/compress_error.py --adapter outputs/default-marglik --write-md
+    python benchmarks/compress_error.py            # trains 2 epochs of the default run first
 """
 
 from __future__ import annotations
@@ -59,14 +59,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import git_rev, load_average, replace_section
+from benchlib import add_markdown_args, git_rev, load_average, offline_environment, replace_section
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-
-ROOT = Path(__file__).resolve().parent.parent
+offline_environment()
 SECTION = "## Posterior compression (issue 5)"
 LLAMA_7B = {"layers": 32, "hidden": 4096, "lora_r": 8, "modules": ("q_proj", "v_proj")}
 
@@ -83,12 +78,7 @@ def make_parser() -> argparse.ArgumentParser:
         "--max-test-samples", type=int, help="first N test articles only (default: all 200)"
     )
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    p.add_argument(
-        "--write-md",
-        action="store_true",
-        help=f"write the '{SECTION}' section of --md (other sections are kept)",
-    )
-    p.add_argument("--md", type=Path, default=ROOT / "BENCHMARKS.md", help="markdown file")
+    add_markdown_args(p, SECTION)
     return p
 
 
@@ -335,13 +325,13 @@ def section(args, rows, extra, source, seconds, load_before, load_after) -> str:
         [
             SECTION,
             "",
-            "Written by `scripts/compress_error.py` (method in its docstring). "
+            "Written by `benchmarks/compress_error.py` (method in its docstring). "
             "`Laplace.compress(rank)` keeps each K-FAC factor's `rank` leading eigenpairs and "
             "replaces the rest of its spectrum by the mean (an isotropic remainder, trace kept); "
             "every row is a compressed copy of one fitted posterior, compared with the "
             "uncompressed one (`full`).",
             "",
-            f"- Command: `python scripts/compress_error.py {argv}`",
+            f"- Command: `python benchmarks/compress_error.py {argv}`",
             f"- Date: {time.strftime('%Y-%m-%d %H:%M %Z')}; took {seconds / 60:.1f} min "
             f"(predictive of all ranks on the test split {extra['predict_s']:.0f} s)",
             f"- Machine: nproc {os.cpu_count()}, Python {platform.python_version()}, torch "

@@ -20,14 +20,16 @@ that rows compare across models whatever their data count:
 
 Usage::
 
-    python scripts/kfac_fidelity.py            # the table recorded in BENCHMARKS.md
-    python scripts/kfac_fidelity.py --help
+    python benchmarks/kfac_fidelity.py            # the table recorded in BENCHMARKS.md
+    python benchmarks/kfac_fidelity.py --help
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+
+from benchlib import model_builders
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -77,72 +79,35 @@ def _batches(args, vocab, g, lm: bool, n_labels: int = 5):
 
 
 def build(name: str, args, seed: int):
-    """``(model, batches, likelihood)`` for a tiny LoRA model in float64."""
+    """``(model, batches, likelihood)`` for a tiny LoRA model in float64 (``tests/models.py``'s
+    builders at these sizes), its LoRA ``B`` drawn N(0, 0.1²), trained ``--train-steps`` steps."""
     import torch
-    from peft import LoraConfig, get_peft_model
 
-    torch.manual_seed(seed)
+    M = model_builders()
+    sizes = dict(
+        hidden=args.hidden,
+        layers=args.layers,
+        heads=4,
+        vocab=args.vocab,
+        r=args.rank,
+        lora_alpha=8,  # peft's default
+        dtype=torch.float64,
+        seed=seed,
+    )
     g = torch.Generator().manual_seed(seed + 1)
-    h, L = args.hidden, args.layers
     if name == "bert-cls":
-        from transformers import BertConfig, BertForSequenceClassification
-
-        cfg = BertConfig(
-            vocab_size=args.vocab,
-            hidden_size=h,
-            num_hidden_layers=L,
-            num_attention_heads=4,
-            intermediate_size=2 * h,
-            num_labels=5,
-            hidden_dropout_prob=0.0,
-            attention_probs_dropout_prob=0.0,
-        )
-        model = BertForSequenceClassification(cfg)
-        lcfg = LoraConfig(task_type="SEQ_CLS", r=args.rank, target_modules=["query", "value"])
+        model = M.bert_lora_model(num_labels=5, max_positions=512, attn="sdpa", **sizes)
         lik, lm = "classification", False
     elif name == "gpt2-lm":
-        from transformers import GPT2Config, GPT2LMHeadModel
-
-        cfg = GPT2Config(
-            vocab_size=args.vocab,
-            n_positions=64,
-            n_embd=h,
-            n_layer=L,
-            n_head=4,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-            bos_token_id=0,
-            eos_token_id=0,
-        )
-        model = GPT2LMHeadModel(cfg)
-        lcfg = LoraConfig(
-            task_type="CAUSAL_LM", r=args.rank, target_modules=["c_attn"], fan_in_fan_out=True
-        )
+        model = M.gpt2_lora_model(max_positions=64, attn="sdpa", **sizes)
         lik, lm = "causal_lm", True
     elif name == "llama-lm":
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        cfg = LlamaConfig(
-            vocab_size=args.vocab,
-            hidden_size=h,
-            intermediate_size=2 * h,
-            num_hidden_layers=L,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-            attn_implementation="sdpa",
-        )
-        model = LlamaForCausalLM(cfg)
-        lcfg = LoraConfig(task_type="CAUSAL_LM", r=args.rank, target_modules=["q_proj", "v_proj"])
+        model = M.llama_lora_model(kv_heads=2, max_positions=64, **sizes)
         lik, lm = "causal_lm", True
     else:
         raise ValueError(f"unknown model {name!r}; choose bert-cls, gpt2-lm or llama-lm")
-    model = get_peft_model(model.double(), lcfg)
-    with torch.no_grad():  # LoRA's B = 0 start would make every lora_A block vanish
-        for n, p in model.named_parameters():
-            if p.requires_grad and "lora_B" in n:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    # LoRA's B = 0 start would make every lora_A block vanish
+    M.randomise_trainable(model, g, 0.1, only="lora_B")
     batches = _batches(args, args.vocab, g, lm)
     if args.train_steps:
         _train(model, batches, lik, args.train_steps)

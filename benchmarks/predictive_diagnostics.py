@@ -7,7 +7,7 @@ draws) and parameter samples (``pred_type="nn"``), then the GLM logit variance s
 of trainable tensors (the K-FAC posterior is block-diagonal over tensors, so the parts add up).
 
     python scripts/train.py --marglik --output_dir outputs/default-marglik
-    python scripts/predictive_diagnostics.py outputs/default-marglik
+    python benchmarks/predictive_diagnostics.py outputs/default-marglik
 """
 
 from __future__ import annotations

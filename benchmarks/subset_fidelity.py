@@ -2,10 +2,10 @@
 training data lies from the one learned from the full fit, uniform against curvature-weighted
 subsets (``hf_marglik/subset.py``), at one fixed trained model.
 
-The model is the bench's (``scripts/bench.py``: all-MiniLM-L6-v2, LoRA r=8 on query/value,
-5-way head, ``--n-train`` BBC News documents x ``--seq-len`` tokens), trained with
-``MargLikTrainer``'s defaults (exact GGN, a full fit every epoch) for ``--epochs`` epochs at
-``--lr``. At its final parameters:
+The model is the bench's (``benchmarks/bench.py``: all-MiniLM-L6-v2, LoRA r=8 on query/value,
+5-way head, ``--n-train`` BBC News documents x ``--seq-len`` tokens, batches of
+``--batch-size``), trained with ``MargLikTrainer``'s defaults (exact GGN, a full fit every
+epoch) for ``--epochs`` epochs at ``--lr``. At its final parameters:
 
 - the full fit (exact GGN, K-FAC, all documents) and, per scheme and fraction, ``--reps``
   subset fits (``Laplace.fit`` with ``n_data`` and the Horvitz–Thompson ``example_weights``):
@@ -19,7 +19,7 @@ The model is the bench's (``scripts/bench.py``: all-MiniLM-L6-v2, LoRA r=8 on qu
 - per subset fit, the median and the largest relative deviation over the tensors of its
   precisions from the full fit's; the table gives their mean (and range) over the reps.
 
-``python scripts/subset_fidelity.py --write-md`` writes the "Curvature subsets" section of
+``python benchmarks/subset_fidelity.py --write-md`` writes the "Curvature subsets" section of
 BENCHMARKS.md (one section per ``--lr``).
 """
 
@@ -30,14 +30,10 @@ import statistics
 import sys
 import tempfile
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
+import benchlib
 
-import benchlib  # noqa: E402
-
+benchlib.offline_environment()
 SECTION = "## Curvature subsets (issue 7), learning rate {lr}"
 
 
@@ -45,6 +41,7 @@ def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n-train", type=int, default=320)
     p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=16, help="the bench's batch size")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=1e-3, help="the bench's learning rate")
     p.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.25])
@@ -52,8 +49,7 @@ def parse(argv=None):
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--write-md", action="store_true")
-    p.add_argument("--md", type=Path, default=ROOT / "BENCHMARKS.md")
+    benchlib.add_markdown_args(p, SECTION.format(lr="<--lr>"))
     return p.parse_args(argv)
 
 
@@ -71,20 +67,19 @@ def converged_precision(lap, start, steps: int):
 
 def main(argv=None) -> int:
     args = parse(argv)
-    import bench
     import torch
 
     from hf_marglik import Laplace, MargLikTrainer
     from hf_marglik.subset import draw, inclusion_probabilities, output_curvature
 
-    cfg = dict(bench.FULL, n_train=args.n_train, seq_len=args.seq_len, epochs=args.epochs)
-    cfg.update(lr=args.lr, threads=args.threads, seed=args.seed, n_hypersteps=10)
-    bench._setup(cfg)
+    cfg = dict(n_train=args.n_train, seq_len=args.seq_len, batch_size=args.batch_size)
+    cfg.update(epochs=args.epochs, lr=args.lr, seed=args.seed)
+    benchlib.setup_process(args.threads)
     t_start, load_before = time.time(), benchlib.load_average()
-    data, model = bench.minilm_data(cfg), bench.minilm_model(cfg)
+    data, model = benchlib.minilm_data(cfg), benchlib.minilm_model(cfg)
     with tempfile.TemporaryDirectory() as out:
         trainer = MargLikTrainer(
-            model=model, args=bench._training_args(cfg, out, True), train_dataset=data
+            model=model, args=benchlib.training_args(cfg, out, True), train_dataset=data
         )
         trainer.train()
     trained = torch.tensor(trainer.hyperparameters()["prior_precision"])
@@ -156,7 +151,7 @@ def main(argv=None) -> int:
     lines = [
         SECTION.format(lr=args.lr),
         "",
-        f"- Command: `python scripts/subset_fidelity.py {' '.join(sys.argv[1:])}`".rstrip(),
+        f"- Command: `python benchmarks/subset_fidelity.py {' '.join(sys.argv[1:])}`".rstrip(),
         f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; took "
         f"{(time.time() - t_start) / 60:.0f} min; git {benchlib.git_rev()}; load average "
         f"before {load_before}, after {benchlib.load_average()}",

@@ -1,8 +1,16 @@
-"""Tiny float64 models and batches for the Laplace tests, built from configs (no downloads).
+"""The model builders of the tests and the benchmarks, built from configs (no downloads).
 
-Every builder returns ``(model, batches)``: ``batches`` is a list (a data loader stand-in) of
-dict batches (Hugging Face style, targets under ``"labels"``) or ``(x, y)`` pairs (plain MLPs).
-Trainable parameters are drawn at random (LoRA's ``B = 0`` initialisation would make the
+This is the one set of builders: the tests import it as ``models`` (``tests/`` is on
+``sys.path`` under pytest and for the worker scripts run from here), and the benchmark scripts
+in ``benchmarks/`` through ``benchlib.model_builders()``, which puts ``tests/`` on ``sys.path``.
+It stays here, beside the tests, because most of it is test fixtures (tiny float64 models,
+batches with padding and -100 labels, datasets for trainer runs) that the test files and
+worker scripts import by this name; the benchmarks need only :func:`randomise_trainable` and
+the ``*_lora_model`` builders, with their own sizes and dtype.
+
+Every test builder returns ``(model, batches)``: ``batches`` is a list (a data loader stand-in)
+of dict batches (Hugging Face style, targets under ``"labels"``) or ``(x, y)`` pairs (plain
+MLPs). Trainable parameters are drawn at random (LoRA's ``B = 0`` initialisation would make the
 curvature of every ``lora_A`` vanish and hide bugs).
 """
 
@@ -15,12 +23,16 @@ DTYPE = torch.float64
 IGNORE_INDEX = -100
 
 
-def randomise_trainable(model: nn.Module, seed: int, scale: float = 0.5) -> nn.Module:
-    """Redraw every trainable parameter i.i.d. N(0, scale²) (reproducibly)."""
-    g = torch.Generator().manual_seed(seed)
+def randomise_trainable(
+    model: nn.Module, seed: int | torch.Generator, scale: float = 0.5, only: str | None = None
+) -> nn.Module:
+    """Redraw every trainable parameter (every one with ``only`` in its name, when given) i.i.d.
+    N(0, scale²), reproducibly: from a generator seeded with ``seed``, or from ``seed`` itself
+    when it is a generator."""
+    g = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for _, p in model.named_parameters():
-            if p.requires_grad:
+        for name, p in model.named_parameters():
+            if p.requires_grad and (only is None or only in name):
                 p.copy_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
     return model
 
@@ -136,13 +148,31 @@ def deep_linear_seq(
 
 
 # ------------------------------------------------------------------------ LoRA transformers
+# Each family has a model builder (``*_lora_model``: random weights from a config, then LoRA;
+# sizes, dtype and attention kernel are arguments, so the benchmarks build their models here
+# too) and a test builder (``*_lora``: the tiny float64 model, every trainable parameter redrawn,
+# and random token batches).
 
 
-def _lora(model: nn.Module, task_type: str, targets: list[str], r: int, **kw) -> nn.Module:
+def add_lora(
+    model: nn.Module,
+    task_type: str,
+    targets: list[str],
+    r: int,
+    lora_alpha: float | None = None,
+    lora_dropout: float = 0.0,
+    **kw,
+) -> nn.Module:
+    """peft LoRA of rank ``r`` on the ``targets`` modules (``lora_alpha`` 2r unless given)."""
     from peft import LoraConfig, get_peft_model
 
     cfg = LoraConfig(
-        task_type=task_type, r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=targets, **kw
+        task_type=task_type,
+        r=r,
+        lora_alpha=2 * r if lora_alpha is None else lora_alpha,
+        lora_dropout=lora_dropout,
+        target_modules=targets,
+        **kw,
     )
     return get_peft_model(model, cfg)
 
@@ -169,6 +199,44 @@ def _token_batches(
     return out
 
 
+def bert_lora_model(
+    num_labels: int = 3,
+    regression: bool = False,
+    hidden: int = 8,
+    layers: int = 1,
+    heads: int = 2,
+    vocab: int = 20,
+    r: int = 2,
+    lora_alpha: float | None = None,
+    max_positions: int = 32,
+    attn: str = "eager",
+    dtype: torch.dtype = DTYPE,
+    seed: int = 0,
+) -> nn.Module:
+    """Random BERT for sequence classification (regression with ``num_labels`` outputs), no
+    dropout, with LoRA on query/value and the classifier head in ``modules_to_save``."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=max_positions,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=num_labels,
+        problem_type="regression" if regression else "single_label_classification",
+        attn_implementation=attn,
+    )
+    model = BertForSequenceClassification(cfg).to(dtype)
+    return add_lora(
+        model, "SEQ_CLS", ["query", "value"], r, lora_alpha, modules_to_save=["classifier"]
+    )
+
+
 def bert_lora(
     num_labels: int = 3,
     regression: bool = False,
@@ -184,26 +252,9 @@ def bert_lora(
 ):
     """Tiny random BERT for sequence classification (or regression with ``num_labels``
     outputs) with peft LoRA on query/value and the classifier head in ``modules_to_save``."""
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(seed)
-    cfg = BertConfig(
-        vocab_size=20,
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        intermediate_size=2 * hidden,
-        max_position_embeddings=32,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        num_labels=num_labels,
-        problem_type="regression" if regression else "single_label_classification",
-        attn_implementation="eager",
-    )
-    model = BertForSequenceClassification(cfg).to(DTYPE)
-    model = _lora(model, "SEQ_CLS", ["query", "value"], r, modules_to_save=["classifier"])
+    model = bert_lora_model(num_labels, regression, hidden, layers, r=r, seed=seed)
     randomise_trainable(model, seed)
-    batches = _token_batches(cfg.vocab_size, n_batches, batch, seq, padded, seed + 1)
+    batches = _token_batches(model.config.vocab_size, n_batches, batch, seq, padded, seed + 1)
     g = torch.Generator().manual_seed(seed + 2)
     for i, b in enumerate(batches):
         if regression:
@@ -229,41 +280,42 @@ def _lm_labels(batches: list[dict], ignore_one: bool, pad_label: int | None) -> 
     return batches
 
 
-def gpt2_lora(
+def gpt2_lora_model(
     hidden: int = 8,
     layers: int = 1,
+    heads: int = 2,
     vocab: int = 16,
     r: int = 2,
-    n_batches: int = 2,
-    batch: int = 2,
-    seq: int = 5,
-    padded: bool = True,
-    ignore_one: bool = True,
-    pad_label: int | None = IGNORE_INDEX,
+    lora_alpha: float | None = None,
+    lora_dropout: float = 0.0,
+    dropout: float = 0.0,
+    max_positions: int = 32,
+    attn: str | None = "eager",
+    dtype: torch.dtype = DTYPE,
     seed: int = 0,
-):
-    """Tiny random GPT-2 causal LM with LoRA on ``c_attn`` (a Conv1D: ``fan_in_fan_out``)."""
+) -> nn.Module:
+    """Random GPT-2 causal LM (``dropout``: its residual, embedding and attention dropout) with
+    LoRA on ``c_attn`` (a Conv1D: ``fan_in_fan_out``); ``attn=None``: transformers' default."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
     cfg = GPT2Config(
         vocab_size=vocab,
-        n_positions=32,
+        n_positions=max_positions,
         n_embd=hidden,
         n_layer=layers,
-        n_head=2,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
+        n_head=heads,
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attn_pdrop=dropout,
         bos_token_id=0,
         eos_token_id=0,
-        attn_implementation="eager",
+        attn_implementation=attn,
     )
-    model = GPT2LMHeadModel(cfg).to(DTYPE)
-    model = _lora(model, "CAUSAL_LM", ["c_attn"], r, fan_in_fan_out=True)
-    randomise_trainable(model, seed)
-    batches = _token_batches(vocab, n_batches, batch, seq, padded, seed + 1)
-    return model, _lm_labels(batches, ignore_one, pad_label)
+    model = GPT2LMHeadModel(cfg).to(dtype)
+    return add_lora(
+        model, "CAUSAL_LM", ["c_attn"], r, lora_alpha, lora_dropout, fan_in_fan_out=True
+    )
 
 
 def _rmsnorm_in_input_dtype(model: nn.Module) -> None:
@@ -281,7 +333,42 @@ def _rmsnorm_in_input_dtype(model: nn.Module) -> None:
             m.__class__ = RMSNormNative
 
 
-def llama_lora(
+def llama_lora_model(
+    hidden: int = 8,
+    layers: int = 1,
+    heads: int = 2,
+    kv_heads: int = 1,
+    vocab: int = 16,
+    r: int = 2,
+    intermediate: int | None = None,
+    lora_alpha: float | None = None,
+    max_positions: int = 32,
+    dtype: torch.dtype = DTYPE,
+    seed: int = 0,
+) -> nn.Module:
+    """Random LLaMA causal LM (MLP width ``intermediate``, default 2·hidden) with LoRA on
+    ``q_proj``/``v_proj``; in float64 its RMSNorm computes in float64 too."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden if intermediate is None else intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_positions,
+        attn_implementation="sdpa",  # LLaMA's eager softmax runs in float32
+    )
+    model = LlamaForCausalLM(cfg).to(dtype)
+    if dtype == torch.float64:
+        _rmsnorm_in_input_dtype(model)
+    return add_lora(model, "CAUSAL_LM", ["q_proj", "v_proj"], r, lora_alpha)
+
+
+def _causal_lm_lora(
+    build,
     hidden: int = 8,
     layers: int = 1,
     vocab: int = 16,
@@ -294,27 +381,24 @@ def llama_lora(
     pad_label: int | None = IGNORE_INDEX,
     seed: int = 0,
 ):
-    """Tiny random LLaMA causal LM with LoRA on ``q_proj``/``v_proj``."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=hidden // 2,
-        max_position_embeddings=32,
-        attn_implementation="sdpa",  # LLaMA's eager softmax runs in float32
-    )
-    model = LlamaForCausalLM(cfg).to(DTYPE)
-    _rmsnorm_in_input_dtype(model)
-    model = _lora(model, "CAUSAL_LM", ["q_proj", "v_proj"], r)
+    """A tiny causal LM from ``build`` (a ``*_lora_model``) with every trainable parameter
+    redrawn, and token batches labelled by :func:`_lm_labels`."""
+    model = build(hidden, layers, vocab=vocab, r=r, seed=seed)
     randomise_trainable(model, seed)
     batches = _token_batches(vocab, n_batches, batch, seq, padded, seed + 1)
     return model, _lm_labels(batches, ignore_one, pad_label)
+
+
+def gpt2_lora(**kw):
+    """Tiny random GPT-2 causal LM with LoRA on ``c_attn`` (a Conv1D: ``fan_in_fan_out``);
+    ``kw``: the sizes and batch options of :func:`_causal_lm_lora`."""
+    return _causal_lm_lora(gpt2_lora_model, **kw)
+
+
+def llama_lora(**kw):
+    """Tiny random LLaMA causal LM with LoRA on ``q_proj``/``v_proj``; ``kw``: the sizes and
+    batch options of :func:`_causal_lm_lora`."""
+    return _causal_lm_lora(llama_lora_model, **kw)
 
 
 # ------------------------------------------------------------- trainer runs in subprocesses

@@ -1,9 +1,10 @@
-"""The benchmark scripts rewrite one section of BENCHMARKS.md and keep every other one."""
+"""The benchmarks' helper module (benchmarks/benchlib.py): the scripts rewrite one section of
+BENCHMARKS.md and keep every other one."""
 
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from benchlib import join_section, replace_section, split_section  # noqa: E402
 
