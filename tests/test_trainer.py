@@ -17,7 +17,7 @@ from transformers import TrainerCallback, TrainingArguments
 from hf_marglik.trainer import HYPERPARAMETERS_NAME, STATE_NAME, MargLikTrainer
 from hf_marglik.training_args import MargLikTrainingArguments
 
-peft = pytest.importorskip("peft")
+import peft  # noqa: E402, F401
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -196,8 +196,20 @@ def test_lora_bert_sequence_classification(tmp_path):
     for name in ("accuracy", "nll", "ece", "brier"):
         assert math.isfinite(metrics[f"eval_map_{name}"])
         assert math.isfinite(metrics[f"eval_laplace_{name}"])
-    # the Laplace predictive is the posterior's, not the MAP model's
-    assert metrics["eval_laplace_nll"] != metrics["eval_map_nll"]
+    # the reported Laplace metrics are the posterior predictive's, the MAP ones the softmax's
+    from hf_marglik import calibration_metrics
+
+    batch = {k: torch.stack([d[k] for d in data.items]) for k in data.items[0]}
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    lap_probs = trainer.laplace(inputs, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        map_probs = torch.softmax(model(**inputs).logits.double(), -1)
+    expected_lap = calibration_metrics(lap_probs, batch["labels"])
+    expected_map = calibration_metrics(map_probs, batch["labels"])
+    for name in ("accuracy", "nll", "ece", "brier"):
+        assert metrics[f"eval_laplace_{name}"] == pytest.approx(expected_lap[name], rel=1e-9)
+        assert metrics[f"eval_map_{name}"] == pytest.approx(expected_map[name], rel=1e-9)
+    assert abs(metrics["eval_laplace_nll"] - metrics["eval_map_nll"]) > 1e-4
 
 
 @pytest.mark.parametrize("build", [_gpt2, _llama], ids=["gpt2", "llama"])
@@ -237,7 +249,7 @@ def test_lora_causal_lm(tmp_path, build):
 def test_datasets_tokenizer_and_collator(tmp_path):
     """The usual HF pipeline: a datasets.Dataset of variable-length texts, a tokenizer and
     DataCollatorForLanguageModeling (padding labelled -100), curvature on a subset."""
-    datasets = pytest.importorskip("datasets")
+    import datasets
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerFast
 
@@ -410,21 +422,40 @@ def test_resume_equals_uninterrupted(tmp_path):
         _mlp_trainer(tmp_path, **kw).train(resume_from_checkpoint=str(out / "checkpoint-5"))
 
 
+class _Sabotage(TrainerCallback):
+    """After optimizer step ``step``, scales the output layer by 30: the model fits the data far
+    worse from then on, so the later updates' marginal likelihoods are worse than the one
+    before (best update ≠ last update, by a wide margin)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.step:
+            with torch.no_grad():
+                model.net[2].weight.mul_(30.0)
+
+
 def test_restore_best_or_keep_last(tmp_path):
+    """restore_best_marglik restores the best update's parameters; False keeps the last ones.
+    The run is built so that the best update (step 4) is not the last (step 8)."""
     data = _mlp_data()
-    last = _mlp_trainer(
-        tmp_path / "a", dataset=data, num_train_epochs=4, restore_best_marglik=False
-    )
+    kw = dict(dataset=data, num_train_epochs=4, callbacks=[_Sabotage(5)])
+    last = _mlp_trainer(tmp_path / "a", restore_best_marglik=False, **kw)
     last.train()
-    best = _mlp_trainer(tmp_path / "b", dataset=data, num_train_epochs=4)
+    kw["callbacks"] = [_Sabotage(5)]
+    best = _mlp_trainer(tmp_path / "b", **kw)
     best.train()
     assert last.margliks == best.margliks
+    assert last.marglik_update_steps == [2, 4, 6, 8] and last.marglik_loop.best.step == 4
+    assert min(last.margliks[6:]) > last.margliks[5] + 1.0  # the later updates are far worse
     for p, b in zip(best.marglik_loop.params, last.marglik_loop.best.params):
         assert torch.equal(p, b)
     assert torch.equal(best.laplace.mean, torch.cat([b.reshape(-1) for b in last.marglik_loop.best.params]))
     assert torch.equal(last.laplace.prior_precision, last.marglik_loop.hyper.prior_precision)
-    if last.marglik_loop.best.step != last.marglik_update_steps[-1]:
-        assert not all(torch.equal(p, b) for p, b in zip(last.marglik_loop.params, last.marglik_loop.best.params))
+    assert not any(
+        torch.equal(p, b) for p, b in zip(last.marglik_loop.params, last.marglik_loop.best.params)
+    )
 
 
 @pytest.mark.parametrize(
