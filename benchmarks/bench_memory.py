@@ -29,7 +29,7 @@ and the sketched fits is the factor storage.
 
 Measured per ``factor_rank`` (``None`` = dense factors, then each of ``--ranks``):
 
-* curvature state: bytes of the tensors in ``Laplace.state_dict()["kron"]`` (eigenvalues and
+* curvature state: bytes of the posterior's K-FAC factors (``Laplace.posterior.factors``: eigenvalues and
   eigenvectors per factor; a factor shared by two layers, the input of LoRA A of ``q_proj`` and
   ``v_proj``, counted once), per layer, and extrapolated to ``--target-layers`` layers (every
   layer has the same shapes, so the state scales exactly with the layer count);
@@ -56,7 +56,8 @@ Usage::
     python benchmarks/bench_memory.py --replay dense.pt   # accuracy only, from saved dense factors
 
 ``--replay PATH`` skips the fits: PATH is a ``torch.save`` of a dense fit's ``{"names":
-param_names, "factors": kron_factors(), "kron": _kron, "loss", "mean", "n_data"}``, and each
+param_names, "factors": kron_factors(), "kron": [(λ_B, Q_B, λ_A, Q_A) per tensor] (hf_marglik 0.1's
+layout, from ``posterior.block_factors(i)``), "loss", "mean", "n_data"}``, and each
 sketch is applied to the dense ``M`` with the seed the fit would use (``Y = MΩ`` is linear in
 the data, so this equals streaming up to float rounding). It prints the accuracy columns of
 the table (memory columns as above; no fit time or RSS).
@@ -183,27 +184,28 @@ def _layer(name: str) -> int | None:
 
 
 def state_bytes(lap) -> dict:
-    """Bytes of the K-FAC state (``state_dict()["kron"]``), shared tensors counted once: total,
-    per layer, and the same without sharing; the unique factor sides."""
-    seen: dict[int, tuple[int, int | None]] = {}
+    """Bytes of the K-FAC state (the posterior's eigendecomposed factors), a factor shared by
+    several tensors counted once: total, per layer (of a factor's first user), and the same
+    without sharing; the unique factor sides."""
+    post = lap.posterior
+    first_layer: dict[int, int | None] = {}
     unshared = 0
-    sides: dict[int, int] = {}
-    for name, block in zip(lap.param_names, lap.state_dict()["kron"]):
-        for t in block:
-            if t is None:
+    for name, block in zip(lap.param_names, post.blocks):
+        for k in block:
+            if k is None:
                 continue
-            unshared += t.nbytes
-            seen.setdefault(id(t), (t.nbytes, _layer(name)))
-            if t.ndim == 2:
-                sides.setdefault(id(t), t.shape[0])
+            f = post.factors[k]
+            unshared += f.values.nbytes + f.vectors.nbytes
+            first_layer.setdefault(k, _layer(name))
     per_layer: dict[int | None, int] = {}
-    for nbytes, layer in seen.values():
-        per_layer[layer] = per_layer.get(layer, 0) + nbytes
+    for k, layer in first_layer.items():
+        f = post.factors[k]
+        per_layer[layer] = per_layer.get(layer, 0) + f.values.nbytes + f.vectors.nbytes
     return {
         "total": sum(per_layer.values()),
         "per_layer": per_layer,
         "unshared": unshared,
-        "sides": list(sides.values()),
+        "sides": [post.factors[k].side for k in first_layer],
     }
 
 
@@ -249,10 +251,10 @@ def occam(lap, delta: float) -> float:
     """``½(log det(H + P) − log det P)`` at a scalar prior precision ``δ``."""
     import torch
 
-    d = torch.tensor([delta], dtype=lap.dtype)
-    return 0.5 * float(
-        lap._log_det_posterior(d, lap._H_factor(lap.sigma_noise)) - lap._log_det_prior(d)
-    )
+    from hf_marglik.prior import Prior
+
+    prior = Prior(torch.tensor([delta], dtype=lap.dtype), lap.sizes)
+    return 0.5 * float(lap.posterior.log_det(prior, lap.likelihood_factor()) - prior.log_det())
 
 
 # ------------------------------------------------------------------------------ run

@@ -102,13 +102,7 @@ def llama_factor_widths(layers: int, hidden: int, lora_r: int, modules) -> tuple
 
 def stored_factor_widths(lap) -> list[int]:
     """Widths of the distinct factors a fitted K-FAC :class:`Laplace` stores (shared once)."""
-    seen, widths = set(), []
-    for lb, qb, la, qa in lap._kron:
-        for lam, q in ((lb, qb), (la, qa)):
-            if q is not None and id(q) not in seen:
-                seen.add(id(q))
-                widths.append(lam.numel())
-    return widths
+    return [f.values.numel() for f in lap.posterior.factors]
 
 
 def _kb_range(values: list[int]) -> str:
@@ -193,15 +187,13 @@ def compressed(lap, rank: int | None, path: Path):
 def top_share(lap, rank: int) -> float | None:
     """Median over the widest factors of the share of the trace held by the ``rank`` leading
     eigenvalues (of the uncompressed factor); None if they are not wider than ``rank``."""
-    shares, seen = [], set()
+    shares = []
     widest = max(stored_factor_widths(lap))
-    for lb, qb, la, qa in lap._kron:
-        for lam, q in ((lb, qb), (la, qa)):
-            if q is None or id(q) in seen or lam.numel() < widest or widest <= rank:
-                continue
-            seen.add(id(q))
-            top = lam.sort(descending=True).values
-            shares.append(float(top[:rank].sum() / top.sum().clamp_min(1e-30)))
+    for f in lap.posterior.factors:
+        if f.values.numel() < widest or widest <= rank:
+            continue
+        top = f.values.sort(descending=True).values
+        shares.append(float(top[:rank].sum() / top.sum().clamp_min(1e-30)))
     return statistics.median(shares) if shares else None
 
 

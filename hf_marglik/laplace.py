@@ -269,7 +269,7 @@ class Laplace:
         preserves the trace). Storage per factor drops from ``d²`` to ``d·rank``; the marginal
         likelihood, samples and the GLM predictive use the compressed factors exactly as
         stored. Returns ``self``."""
-        post = self._fitted()
+        post = self.check_fitted()
         if not isinstance(post, KronPosterior):
             raise ValueError("compress() applies to hessian_structure='kron'.")
         if rank < 1:
@@ -277,7 +277,7 @@ class Laplace:
         self.posterior = post.compress(rank)
         return self
 
-    def _fitted(self) -> Posterior:
+    def check_fitted(self) -> Posterior:
         if self.posterior is None or self.loss is None:
             raise RuntimeError("Call fit(train_loader) before using the Laplace approximation.")
         return self.posterior
@@ -290,7 +290,7 @@ class Laplace:
 
         Arguments left out take the stored values; given ones are not stored.
         """
-        post = self._fitted()
+        post = self.check_fitted()
         prior = self._prior_of(prior_precision)
         sigma = self.sigma_noise if sigma_noise is None else sigma_noise
         sigma = torch.as_tensor(sigma, dtype=self.dtype, device=self.device).reshape(())
@@ -307,7 +307,7 @@ class Laplace:
     @property
     def log_likelihood(self) -> Tensor:
         """``log p(D | θ*)`` at the stored noise."""
-        self._fitted()
+        self.check_fitted()
         return self._log_likelihood(self.sigma_noise)
 
     def _log_likelihood(self, sigma: Tensor) -> Tensor:
@@ -340,7 +340,7 @@ class Laplace:
     @property
     def log_det_posterior_precision(self) -> Tensor:
         """``log det(f·H + P)``."""
-        return self._fitted().log_det(self._prior, self.likelihood_factor())
+        return self.check_fitted().log_det(self._prior, self.likelihood_factor())
 
     @property
     def log_det_ratio(self) -> Tensor:
@@ -352,7 +352,7 @@ class Laplace:
         """``f·H + P`` in the structure's form, as laplace-torch returns it: a dense matrix
         (``full``), a vector (``diag``), or for ``kron`` a :class:`KronPrecision` with
         laplace-torch's ``KronDecomposed`` methods ``to_matrix()``, ``diag()``, ``logdet()``."""
-        post = self._fitted()
+        post = self.check_fitted()
         f = self.likelihood_factor()
         if post.structure == HessianStructure.FULL:
             return post.precision_dense(self._prior, f)
@@ -365,7 +365,7 @@ class Laplace:
         """The curvature ``H`` in the structure's form (laplace-torch's attribute): a dense
         matrix (``full``), a vector (``diag``), the :class:`~hf_marglik.posterior.KronPosterior`
         (``kron``)."""
-        post = self._fitted()
+        post = self.check_fitted()
         if post.structure == HessianStructure.DIAG:
             return torch.diagonal(post.curvature_dense()).clone()
         if post.structure == HessianStructure.FULL:
@@ -375,7 +375,7 @@ class Laplace:
     @property
     def posterior_covariance(self) -> Tensor:
         """``Σ = (f·H + P)⁻¹`` as a dense matrix (small models)."""
-        return self._fitted().covariance_dense(self._prior, self.likelihood_factor())
+        return self.check_fitted().covariance_dense(self._prior, self.likelihood_factor())
 
     @property
     def posterior_variance(self) -> Tensor:
@@ -387,13 +387,13 @@ class Laplace:
         ``(batch, outputs, outputs)``."""
         n, k = Js.shape[:2]
         chunks = list(torch.split(Js.reshape(n * k, -1).to(self.dtype), self.sizes, dim=1))
-        return self._fitted().output_covariance(chunks, n, k, self._prior, self.likelihood_factor())
+        return self.check_fitted().output_covariance(chunks, n, k, self._prior, self.likelihood_factor())
 
     def functional_covariance(self, Js: Tensor) -> Tensor:
         """``J Σ Jᵀ`` over all outputs of the batch: ``(batch·outputs, batch·outputs)``."""
         n, k = Js.shape[:2]
         chunks = list(torch.split(Js.reshape(n * k, -1).to(self.dtype), self.sizes, dim=1))
-        return self._fitted().quadratic(chunks, self._prior, self.likelihood_factor())
+        return self.check_fitted().quadratic(chunks, self._prior, self.likelihood_factor())
 
     def sample(self, n_samples: int = 100, generator: torch.Generator | None = None) -> Tensor:
         """``n_samples`` draws ``θ ~ N(θ*, Σ)``, ``(n_samples, n_params)``."""
@@ -402,11 +402,11 @@ class Laplace:
     def sample_deltas(self, n: int, generator: torch.Generator | None = None) -> list[Tensor]:
         """``n`` draws of ``θ − θ*``: one ``(n, numel)`` tensor per trainable tensor (each
         factorisation is computed once for all draws)."""
-        return self._fitted().sample(n, self._prior, self.likelihood_factor(), generator)
+        return self.check_fitted().sample(n, self._prior, self.likelihood_factor(), generator)
 
     def log_prob(self, value: Tensor, normalized: bool = True) -> Tensor:
         """``log N(value; θ*, Σ)`` (without the normalising constant if not ``normalized``)."""
-        post = self._fitted()
+        post = self.check_fitted()
         f = self.likelihood_factor()
         d = torch.as_tensor(value, dtype=self.dtype, device=self.device).reshape(-1) - self.mean
         chunks = list(torch.split(d.reshape(1, -1), self.sizes, dim=1))
@@ -522,7 +522,7 @@ class Laplace:
     def kron_factors(self) -> list[tuple[Tensor, Tensor | None]]:
         """``(B, A)`` per trainable tensor (``A`` is None for biases), recomposed from the stored
         eigendecomposition (negative eigenvalues clipped)."""
-        post = self._fitted()
+        post = self.check_fitted()
         if not isinstance(post, KronPosterior):
             raise ValueError("kron_factors() needs hessian_structure='kron'.")
         return post.kron_factors()
@@ -530,13 +530,13 @@ class Laplace:
     def curvature_dense(self) -> Tensor:
         """The curvature ``H`` (no prior, no ``f``) as a dense ``(P, P)`` matrix in the flat
         parameter order: for tests and small models."""
-        return self._fitted().curvature_dense()
+        return self.check_fitted().curvature_dense()
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict:
         """Hyperparameters, loss, MAP mean and the curvature in its stored (eigendecomposed for
         K-FAC) form; enough to evaluate the marginal likelihood without the data."""
-        post = self._fitted()
+        post = self.check_fitted()
         return {
             "likelihood": self.likelihood.value,
             "hessian_structure": self.hessian_structure.value,

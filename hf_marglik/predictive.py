@@ -80,7 +80,7 @@ def _check(lap, pred_type, link_approx, n_samples: int, joint: bool):
             "likelihood='regression' with pred_type='glm'; categorical predictives are not "
             "Gaussian. Leave joint=False."
         )
-    lap._fitted()
+    lap.check_fitted()
     return pred_type, link_approx
 
 

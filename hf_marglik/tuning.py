@@ -64,7 +64,7 @@ def optimize_prior_precision(
     pred_type = coerce(PredType, pred_type, "pred_type")
     link_approx = coerce(LinkApprox, link_approx, "link_approx")
     method = coerce(TuningMethod, method, "method")
-    lap._fitted()
+    lap.check_fitted()
     if method == TuningMethod.MARGLIK:
         if val_loader is not None:
             warnings.warn(
