@@ -54,6 +54,13 @@ class DenseFactor:
     def add(self, X: Tensor) -> None:
         self.M.addmm_(X.T, X)
 
+    def state_dict(self) -> dict:
+        return {"M": self.M.clone(), "count": self.count}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.M.copy_(sd["M"])
+        self.count = sd["count"]
+
     def all_reduce(self) -> None:
         if _distributed():
             dist.all_reduce(self.M)
@@ -84,6 +91,14 @@ class SketchedFactor:
     def add(self, X: Tensor) -> None:
         self.Y.addmm_(X.T, X @ self.omega)
         self.trace += (X * X).sum()
+
+    def state_dict(self) -> dict:  # Ω is regenerated from the seed
+        return {"Y": self.Y.clone(), "trace": self.trace.clone(), "count": self.count}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.Y.copy_(sd["Y"])
+        self.trace.copy_(sd["trace"])
+        self.count = sd["count"]
 
     def all_reduce(self) -> None:
         if _distributed():

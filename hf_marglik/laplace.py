@@ -29,7 +29,13 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import save_torch
-from .curvature import CurvatureSettings, fit_curvature, linear_sites, output_jacobians
+from .curvature import (
+    CurvatureSettings,
+    FitResult,
+    fit_curvature,
+    linear_sites,
+    output_jacobians,
+)
 from .options import Backend, HessianStructure, KFACApprox, Likelihood, PriorStructure, coerce
 from .posterior import MAX_DENSE_BLOCK, KronPosterior, Posterior, posterior_from_state
 from .prior import Prior, trainable_parameters
@@ -130,6 +136,7 @@ class Laplace:
             structure = coerce(PriorStructure, prior_structure, "prior_structure")
             prec = prec.expand(Prior.size(structure, self.sizes)).clone()
         self.prior_precision = prec
+        self._predictive_prior: Prior | None = None
         self.sigma_noise = sigma_noise
         self.posterior: Posterior | None = None
         """The fitted curvature (None before :meth:`fit`)."""
@@ -168,6 +175,33 @@ class Laplace:
         if not torch.isfinite(prec).all() or not (prec > 0).all():
             raise ValueError(f"prior_precision must be positive and finite; got {value}.")
         self._prior = prior
+
+    @property
+    def predictive_prior_precision(self) -> Tensor | None:
+        """A prior precision for the predictive only (``__call__``, ``predictive_samples``):
+        tuned on validation data after training (``MargLikTrainingArguments.predictive_prior``)
+        while ``prior_precision`` stays what the marginal likelihood learned. None (default):
+        the predictive uses ``prior_precision``. Setting ``prior_precision`` by
+        :meth:`optimize_prior_precision` clears it."""
+        return None if self._predictive_prior is None else self._predictive_prior.values
+
+    @predictive_prior_precision.setter
+    def predictive_prior_precision(self, value: float | Tensor | None) -> None:
+        if value is None:
+            self._predictive_prior = None
+            return
+        prec = torch.as_tensor(value, dtype=self.dtype, device=self.device).reshape(-1)
+        prior = Prior(prec, self.sizes)
+        if not torch.isfinite(prec).all() or not (prec > 0).all():
+            raise ValueError(
+                f"predictive_prior_precision must be positive and finite; got {value}."
+            )
+        self._predictive_prior = prior
+
+    @property
+    def predictive_prior(self) -> Prior:
+        """The prior the predictive uses: ``predictive_prior_precision`` if set, else ``prior``."""
+        return self._prior if self._predictive_prior is None else self._predictive_prior
 
     @property
     def prior_precision_diag(self) -> Tensor:
@@ -213,6 +247,21 @@ class Laplace:
         return 0 if self.posterior is None else self.posterior.n_clipped
 
     # ----------------------------------------------------------------- fitting
+    @property
+    def curvature_settings(self) -> CurvatureSettings:
+        """How this approximation's curvature is computed (structure, backend, K-FAC variant,
+        batch keys, Monte-Carlo samples, factor rank)."""
+        return CurvatureSettings(
+            self.likelihood,
+            self.hessian_structure,
+            self.backend,
+            self.kfac_approx,
+            self.dict_key_x,
+            self.dict_key_y,
+            self.n_mc_samples,
+            self.factor_rank,
+        )
+
     def fit(
         self,
         train_loader,
@@ -234,22 +283,12 @@ class Laplace:
         generator = None
         if self.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(self.seed)
-        settings = CurvatureSettings(
-            self.likelihood,
-            self.hessian_structure,
-            self.backend,
-            self.kfac_approx,
-            self.dict_key_x,
-            self.dict_key_y,
-            self.n_mc_samples,
-            self.factor_rank,
-        )
         result = fit_curvature(
             self.model,
             train_loader,
             self.params,
             self.sites,
-            settings,
+            self.curvature_settings,
             dtype=self.dtype,
             device=self.device,
             n_data=n_data,
@@ -257,6 +296,11 @@ class Laplace:
             example_weights=example_weights,
             progress_bar=progress_bar,
         )
+        return self.fit_from(result)
+
+    def fit_from(self, result: FitResult) -> Laplace:
+        """Use a curvature and loss computed elsewhere (for example gathered during training,
+        :mod:`hf_marglik.online`), with the current parameters as the mean."""
         self.posterior, self.loss = result.posterior, result.loss
         self.n_data, self.n_outputs = result.n_data, result.n_outputs
         self._mean = torch.cat([p.detach().reshape(-1) for p in self.params]).to(self.dtype)
@@ -387,7 +431,9 @@ class Laplace:
         ``(batch, outputs, outputs)``."""
         n, k = Js.shape[:2]
         chunks = list(torch.split(Js.reshape(n * k, -1).to(self.dtype), self.sizes, dim=1))
-        return self.check_fitted().output_covariance(chunks, n, k, self._prior, self.likelihood_factor())
+        return self.check_fitted().output_covariance(
+            chunks, n, k, self._prior, self.likelihood_factor()
+        )
 
     def functional_covariance(self, Js: Tensor) -> Tensor:
         """``J Σ Jᵀ`` over all outputs of the batch: ``(batch·outputs, batch·outputs)``."""
@@ -399,10 +445,13 @@ class Laplace:
         """``n_samples`` draws ``θ ~ N(θ*, Σ)``, ``(n_samples, n_params)``."""
         return self.mean + torch.cat(self.sample_deltas(n_samples, generator), dim=1)
 
-    def sample_deltas(self, n: int, generator: torch.Generator | None = None) -> list[Tensor]:
+    def sample_deltas(
+        self, n: int, generator: torch.Generator | None = None, prior: Prior | None = None
+    ) -> list[Tensor]:
         """``n`` draws of ``θ − θ*``: one ``(n, numel)`` tensor per trainable tensor (each
-        factorisation is computed once for all draws)."""
-        return self.check_fitted().sample(n, self._prior, self.likelihood_factor(), generator)
+        factorisation is computed once for all draws); ``prior`` (default ``self.prior``)."""
+        prior = self._prior if prior is None else prior
+        return self.check_fitted().sample(n, prior, self.likelihood_factor(), generator)
 
     def log_prob(self, value: Tensor, normalized: bool = True) -> Tensor:
         """``log N(value; θ*, Σ)`` (without the normalising constant if not ``normalized``)."""
@@ -544,6 +593,11 @@ class Laplace:
             "kfac_approx": self.kfac_approx.value,
             "param_names": list(self.param_names),
             "prior_precision": self.prior_precision.clone(),
+            "predictive_prior_precision": (
+                None
+                if self.predictive_prior_precision is None
+                else self.predictive_prior_precision.clone()
+            ),
             "sigma_noise": self.sigma_noise.clone(),
             "temperature": self.temperature,
             "n_data": self.n_data,
@@ -567,6 +621,7 @@ class Laplace:
         self.kfac_approx = coerce(KFACApprox, sd["kfac_approx"], "kfac_approx")
         self.temperature = float(sd["temperature"])
         self.prior_precision = sd["prior_precision"]
+        self.predictive_prior_precision = sd.get("predictive_prior_precision")
         self.sigma_noise = sd["sigma_noise"]
         self.n_data, self.n_outputs = sd["n_data"], sd["n_outputs"]
         self.loss = sd["loss"].to(self.dtype)

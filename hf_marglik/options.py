@@ -118,3 +118,27 @@ class TuningMethod(str, Enum):
     """Gradient steps on the log marginal likelihood."""
     GRIDSEARCH = "gridsearch"
     """The value of a log grid with the lowest predictive loss on validation data."""
+
+
+class CurvatureSource(str, Enum):
+    """Where a marginal-likelihood update's curvature comes from (:mod:`hf_marglik.online`)."""
+
+    FIT = "fit"
+    """A pass over the training data (or ``marglik_subset``) at the update, in eval mode:
+    laplace-torch's ``marglik_training``; costs about one epoch per update."""
+    ONLINE = "online"
+    """Gathered from the training steps since the last update: layer inputs from the training
+    forward passes, output gradients from one extra backward of sampled labels on every
+    ``k``-th step (``marglik_budget``)."""
+
+
+class PredictivePrior(str, Enum):
+    """The prior precision of a trainer's posterior predictive (``trainer.laplace(...)``)."""
+
+    MARGLIK = "marglik"
+    """The precisions the marginal likelihood learned."""
+    GRIDSEARCH = "gridsearch"
+    """The learned precisions times one factor ``k`` from ``logspace(-4, 4, 100)``, chosen by
+    the predictive's NLL on the ``eval_dataset`` after training
+    (``Laplace.optimize_prior_precision(method="gridsearch", relative=True)``); saved as
+    ``laplace.predictive_prior_precision`` beside the learned ``prior_precision``."""

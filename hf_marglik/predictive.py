@@ -1,5 +1,7 @@
 """Posterior predictive distributions of a fitted :class:`~hf_marglik.Laplace`, through its
-public face only (``output_jacobians``, ``posterior``, ``prior``, ``sample_deltas``).
+public face only (``output_jacobians``, ``posterior``, ``predictive_prior``, ``sample_deltas``).
+The predictive uses ``predictive_prior`` (``predictive_prior_precision`` when one was tuned on
+validation data, else the prior precision).
 
 ``glm``: the network linearised in its trainable parameters, ``f(x) ~ N(f*(x), J(x) Σ J(x)ᵀ)``;
 ``J`` comes from one backward pass per output. Classification pushes the Gaussian through the
@@ -42,7 +44,7 @@ def glm_covariance(lap, jacobians: list[Tensor], n: int, k: int, prior=None) -> 
     """``J(x) Σ J(x)ᵀ`` per example, ``(n, k, k)``, from :func:`glm_jacobians`: the Jacobians
     depend on the model only, so one set serves several posteriors or priors over the same
     parameters (compressed posteriors, a grid of prior precisions)."""
-    prior = lap.prior if prior is None else prior
+    prior = lap.predictive_prior if prior is None else prior
     return lap.posterior.output_covariance(jacobians, n, k, prior, lap.likelihood_factor())
 
 
@@ -106,7 +108,7 @@ def predictive(
         return draws.mean(0)
     if joint:
         logits, jac = glm_jacobians(lap, batch)
-        cov = lap.posterior.quadratic(jac, lap.prior, lap.likelihood_factor())
+        cov = lap.posterior.quadratic(jac, lap.predictive_prior, lap.likelihood_factor())
         return logits.reshape(-1), cov
     mean, cov = glm_moments(lap, batch)
     if regression:
@@ -148,7 +150,8 @@ def _nn_outputs(lap, batch, n_samples, generator, regression) -> Tensor:
     outs = []
     try:
         for start in range(0, n_samples, SAMPLE_CHUNK):
-            draws = lap.sample_deltas(min(SAMPLE_CHUNK, n_samples - start), generator)
+            n = min(SAMPLE_CHUNK, n_samples - start)
+            draws = lap.sample_deltas(n, generator, prior=lap.predictive_prior)
             for k in range(draws[0].shape[0]):
                 for p, m, d in zip(lap.params, mean, draws):
                     p.copy_((m + d[k]).reshape(p.shape).to(p.dtype))

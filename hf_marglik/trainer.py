@@ -23,6 +23,7 @@ in :mod:`hf_marglik.sft`); it overrides public Trainer hooks only (``train``, ``
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -47,7 +48,15 @@ from .evaluation import calibration_report
 from .hyper import HyperOptimizer, batch_targets, count_data_points, likelihood_scale
 from .laplace import MAX_DENSE_BLOCK, Laplace
 from .loop import MargLikLoop
-from .options import HessianStructure, Likelihood, PriorStructure, SubsetSampling
+from .online import OnlineCurvature, interval_for_budget
+from .options import (
+    CurvatureSource,
+    HessianStructure,
+    Likelihood,
+    PredictivePrior,
+    PriorStructure,
+    SubsetSampling,
+)
 from .parallel import check_parallelism
 from .preemption import SigtermCheckpointCallback
 from .prior import trainable_parameters
@@ -156,6 +165,12 @@ class MargLikTrainerMixin:
                 "compute_loss_func is not supported: the marginal-likelihood trainer computes "
                 "the likelihood from the logits (set args.likelihood)."
             )
+        if self.args.predictive_prior == PredictivePrior.GRIDSEARCH and self.eval_dataset is None:
+            raise ValueError(
+                "predictive_prior='gridsearch' tunes the predictive's prior on eval_dataset after "
+                "training: pass an eval_dataset (a validation split), or set "
+                "predictive_prior='marglik'."
+            )
         if self.model_init is not None:
             raise ValueError(f"model_init is not supported by {type(self).__name__}; pass a model.")
         if self.args.label_names is None:
@@ -169,6 +184,7 @@ class MargLikTrainerMixin:
         self.marglik_loop: MargLikLoop | None = None
         self.n_data: int | None = None
         self._curvature_subset = None
+        self._online: OnlineCurvature | None = None
         self.add_callback(_MargLikCallback(self))
         # after the marglik callback: a SIGTERM checkpoint holds that step's update
         self.sigterm_callback = SigtermCheckpointCallback() if self.args.save_on_sigterm else None
@@ -279,6 +295,19 @@ class MargLikTrainerMixin:
                 self.train_dataset, a.marglik_subset, a.dict_key_x, a.seed
             )
         self._fit_dataset = self._subset(self.train_dataset)
+        self._online = None
+        if a.marglik_curvature == CurvatureSource.ONLINE:
+            probe = self._new_laplace(hyper.prior_precision, hyper.sigma_noise)
+            every = 1 if a.marglik_budget is None else interval_for_budget(a.marglik_budget)
+            self._online = OnlineCurvature(
+                probe.params,
+                probe.sites,
+                probe.curvature_settings,
+                probe.dtype,
+                probe.device,
+                every=every,
+                seed=a.seed + self.args.process_index,  # independent labels per process
+            )
         self._epoch_loss, self._epoch_items = 0.0, 0
         self._check_schedule()
         if self.optimizer is not None and any(
@@ -372,14 +401,18 @@ class MargLikTrainerMixin:
         docstring); without ``num_items_in_batch`` the micro-batch's own count is used and the
         Trainer divides by the accumulation steps. In evaluation: ``Σ ℓ / n_b``, no prior."""
         a = self.args
+        if model.training and self.marglik_loop is None:
+            self._start(None)
         x, y = split_batch(inputs, a.dict_key_x, a.dict_key_y)
-        logits = call_model(model, x, a.dict_key_x)
         mask = x.get("attention_mask") if isinstance(x, Mapping) else None
-        t = targets_for(logits, y, a.likelihood, mask)
+        online = self._online if model.training and self._collecting() else None
+        with online.recording(model) if online is not None else contextlib.nullcontext() as rec:
+            logits = call_model(model, x, a.dict_key_x)
+            t = targets_for(logits, y, a.likelihood, mask)
+            if online is not None:  # one extra backward of sampled labels on this graph
+                online.add(rec, t, mask)
         data_term = likelihood_scale(a.likelihood) * nll_sum(t)
         if model.training:
-            if self.marglik_loop is None:
-                self._start(None)
             if self._curvature_subset is not None:
                 ids = x[a.dict_key_x] if isinstance(x, Mapping) else x
                 self._curvature_subset.record(ids, mask, logits, self.state.global_step)
@@ -444,6 +477,17 @@ class MargLikTrainerMixin:
         return metrics
 
     # ------------------------------------------------------------------ marginal likelihood
+    def _collecting(self) -> bool:
+        """Whether this optimizer step feeds the online curvature: a sampled step (every
+        ``k``-th) of a window that ends with an update."""
+        online, a, state = self._online, self.args, self.state
+        if online is None or not online.due(state.global_step):
+            return False
+        if a.marglik_steps is not None:
+            return state.epoch >= a.n_epochs_burnin - 1
+        ending = int(state.epoch + 1e-9) + 1  # the epoch this step belongs to, 1-based
+        return ending % a.marglik_frequency == 0 and ending >= a.n_epochs_burnin
+
     def _on_step_end(self) -> None:
         a, state = self.args, self.state
         epoch_end = state.epoch is not None and state.epoch > 0
@@ -506,10 +550,30 @@ class MargLikTrainerMixin:
             )
         return lap
 
+    def _online_fit(self, prec, sigma) -> Laplace:
+        """A new Laplace approximation from the online window's curvature."""
+        return self._new_laplace(prec, sigma).fit_from(self._online.result(self.n_data))
+
     def _marglik_update(self) -> None:
         """One update of :class:`~hf_marglik.loop.MargLikLoop` at this step; a skipped one
-        (non-finite fit, rejected first hyper-step) logs ``marglik_skipped``."""
-        lap = self.marglik_loop.update(self.state.global_step, self._fit)
+        (non-finite fit, rejected first hyper-step) logs ``marglik_skipped``. With the online
+        curvature the window's factors are used (a pass if the window holds no data: a
+        sampling interval longer than the window) and a new window starts."""
+        fit = self._fit
+        if self._online is not None:
+            if self._online.empty:
+                warnings.warn(
+                    f"The online curvature window before step {self.state.global_step} sampled "
+                    f"no step (every {self._online.every} steps): this update makes a curvature "
+                    "pass. Raise marglik_budget or update less often.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            else:
+                fit = self._online_fit
+        lap = self.marglik_loop.update(self.state.global_step, fit)
+        if self._online is not None:
+            self._online.reset()
         if lap is None:
             self.log({"marglik_skipped": 1.0})
             return
@@ -557,8 +621,29 @@ class MargLikTrainerMixin:
             kept = f"the parameters of the best marginal likelihood (step {loop.best.step})"
         else:
             kept = f"the last model (step {step})"
-        loop.finish(step, self._fit)
+        lap = loop.finish(step, self._fit)
         logger.info("%s keeps %s.", type(self).__name__, kept)
+        if lap is not None and a.predictive_prior == PredictivePrior.GRIDSEARCH:
+            self._tune_predictive_prior(lap)
+
+    def _tune_predictive_prior(self, lap: Laplace) -> None:
+        """``predictive_prior='gridsearch'``: the learned precisions times the factor with the
+        lowest predictive NLL on ``eval_dataset``, as ``lap.predictive_prior_precision``."""
+        a = self.args
+        learned = lap.prior_precision.clone()
+        lap.optimize_prior_precision(
+            pred_type=a.pred_type,
+            method="gridsearch",
+            val_loader=self.get_eval_dataloader(self.eval_dataset),
+            link_approx=a.link_approx,
+            n_samples=a.predictive_samples,
+            relative=True,
+        )
+        tuned = lap.prior_precision.clone()
+        lap.prior_precision, lap.predictive_prior_precision = learned, tuned
+        scale = float((tuned / learned).mean())
+        self.log({"predictive_prior_scale": scale})
+        logger.info("predictive prior: the learned precisions times %.3g (eval NLL).", scale)
 
     # ------------------------------------------------------------------ saving
     def _state_dict(self) -> dict:
@@ -572,6 +657,7 @@ class MargLikTrainerMixin:
             "subset_scores": (
                 None if self._curvature_subset is None else self._curvature_subset.state_dict()
             ),
+            "online": None if self._online is None else self._online.state_dict(),
         }
 
     def _on_save(self) -> None:
@@ -616,6 +702,8 @@ class MargLikTrainerMixin:
         self._epoch_loss, self._epoch_items = sd["epoch_loss"], sd["epoch_items"]
         if self._curvature_subset is not None and sd.get("subset_scores") is not None:
             self._curvature_subset.load_state_dict(sd["subset_scores"])
+        if self._online is not None and sd.get("online") is not None:
+            self._online.load_state_dict(sd["online"])
 
     def hyperparameters(self) -> dict:
         """The hyperparameters as plain JSON data: final ones after :meth:`train`, else current."""

@@ -16,10 +16,12 @@ from transformers import TrainingArguments
 from .hyper import check_settings
 from .options import (
     Backend,
+    CurvatureSource,
     HessianStructure,
     KFACApprox,
     Likelihood,
     LinkApprox,
+    PredictivePrior,
     PredType,
     PriorStructure,
     SubsetSampling,
@@ -56,6 +58,13 @@ class MargLikArguments:
             by ``1/π_n``, an unbiased estimate with far less spread than a uniform subset's
             (:mod:`hf_marglik.subset`); ``"uniform"`` (default otherwise): one random subset,
             drawn once with ``seed``, for every fit.
+        marglik_curvature: ``"fit"`` (default): a pass over the training data (or the
+            ``marglik_subset``) at every update; ``"online"``: gathered from the training steps
+            since the last update (layer inputs from the training forward passes, one extra
+            backward of sampled labels on every ``k``-th step; :mod:`hf_marglik.online`).
+        marglik_budget: for ``"online"``: the extra compute allowed, a fraction of training in
+            (0, 1]; the interval is ``k = ceil((2/3) / budget)`` (an extra backward costs about
+            2/3 of a training step). None: every step.
         factor_rank: memory-bounded K-FAC for wide layers (large models): factors wider than
             ``2·factor_rank + 10`` are kept as a streaming sketch, their ``factor_rank`` leading
             eigenpairs and a two-moment tail (see hf_marglik/factors.py). None (default): dense.
@@ -86,6 +95,11 @@ class MargLikArguments:
     (``eval_laplace_accuracy`` …):
         eval_laplace: report the Laplace predictive at all (default True; it costs about one
             backward pass per class per evaluation batch with ``"glm"``).
+        predictive_prior: ``"marglik"`` (default): the predictive uses the learned precisions;
+            ``"gridsearch"``: after training, the learned precisions times one factor chosen by
+            the predictive's NLL on ``eval_dataset`` (laplace-torch's gridsearch, relative to
+            the learned values), stored as ``laplace.predictive_prior_precision`` and saved in
+            the posterior file; the learned precisions stay the marginal likelihood's.
         pred_type: ``"glm"`` (linearised network, default) or ``"nn"`` (parameter samples).
         link_approx: ``"probit"`` (default) or ``"mc"`` for the glm predictive.
         predictive_samples: samples of the ``"nn"`` predictive or of the ``"mc"`` link.
@@ -188,6 +202,22 @@ class MargLikArguments:
             "classification, 'uniform' otherwise."
         },
     )
+    marglik_curvature: str = field(
+        default="fit",
+        metadata={
+            "help": "Curvature of an update: 'fit' (a pass over the training data at the "
+            "update) or 'online' (gathered from the training steps since the last update).",
+            "choices": ["fit", "online"],
+        },
+    )
+    marglik_budget: float | None = field(
+        default=None,
+        metadata={
+            "help": "marglik_curvature='online': extra compute allowed, a fraction of training "
+            "in (0, 1]; every ceil((2/3)/budget)-th step gets one extra backward. None: every "
+            "step."
+        },
+    )
     factor_rank: int | None = field(
         default=None,
         metadata={
@@ -208,6 +238,16 @@ class MargLikArguments:
         metadata={
             "help": "evaluate() also reports the Laplace predictive's accuracy, NLL, ECE and "
             "Brier (eval_laplace_*; classification); costs one backward per class per batch."
+        },
+    )
+    predictive_prior: str = field(
+        default="marglik",
+        metadata={
+            "help": "Prior precision of the predictive: 'marglik' (the learned precisions) or "
+            "'gridsearch' (the learned precisions times a factor chosen by the predictive's NLL "
+            "on eval_dataset after training; the learned ones are kept for the marginal "
+            "likelihood).",
+            "choices": ["marglik", "gridsearch"],
         },
     )
     pred_type: str = field(
@@ -236,6 +276,7 @@ class MargLikArguments:
     def __post_init__(self):
         super().__post_init__()
         self.pred_type = coerce(PredType, self.pred_type, "pred_type")
+        self.predictive_prior = coerce(PredictivePrior, self.predictive_prior, "predictive_prior")
         self.link_approx = coerce(LinkApprox, self.link_approx, "link_approx")
         if self.factor_rank is not None and self.factor_rank < 1:
             raise ValueError(f"factor_rank={self.factor_rank} is invalid; set it to >= 1 or None.")
@@ -269,6 +310,19 @@ class MargLikArguments:
                 "steps >= 1, or None to estimate by epochs (marglik_frequency)."
             )
         self._check_subset()
+        self.marglik_curvature = coerce(
+            CurvatureSource, self.marglik_curvature, "marglik_curvature"
+        )
+        self._check_online()
+        if (
+            self.predictive_prior == PredictivePrior.GRIDSEARCH
+            and self.likelihood == Likelihood.CAUSAL_LM
+        ):
+            raise ValueError(
+                "predictive_prior='gridsearch' tunes the GLM predictive of one output vector per "
+                "example; likelihood='causal_lm' has one per token over the vocabulary. Use "
+                "predictive_prior='marglik'."
+            )
         if self.weight_decay > 0:
             warnings.warn(
                 f"weight_decay={self.weight_decay} is set to 0: the learned prior precision "
@@ -324,6 +378,31 @@ class MargLikArguments:
                 "fix_sigma_noise only applies to likelihood='regression'; it has no effect here.",
                 UserWarning,
                 stacklevel=2,
+            )
+
+    def _check_online(self) -> None:
+        online = self.marglik_curvature == CurvatureSource.ONLINE
+        if self.marglik_budget is not None:
+            if not online:
+                raise ValueError(
+                    "marglik_budget sets the sampling interval of marglik_curvature='online'; "
+                    "set marglik_curvature='online' or leave marglik_budget None."
+                )
+            if not (0 < self.marglik_budget <= 1):
+                raise ValueError(
+                    f"marglik_budget={self.marglik_budget!r} is invalid; set it to a fraction "
+                    "of the training compute in (0, 1], e.g. 0.25."
+                )
+        if online and self.marglik_subset is not None:
+            raise ValueError(
+                "marglik_subset chooses the data of a curvature pass, and "
+                "marglik_curvature='online' makes no pass; use one of them."
+            )
+        if online and self.backend == Backend.GGN and self.likelihood == Likelihood.CAUSAL_LM:
+            raise ValueError(
+                "marglik_curvature='online' with backend='ggn' and likelihood='causal_lm' takes "
+                "one extra backward per vocabulary entry and token on every sampled step; use "
+                "backend='ggn-mc'."
             )
 
     def _check_subset(self) -> None:

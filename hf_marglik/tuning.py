@@ -65,6 +65,7 @@ def optimize_prior_precision(
     link_approx = coerce(LinkApprox, link_approx, "link_approx")
     method = coerce(TuningMethod, method, "method")
     lap.check_fitted()
+    lap.predictive_prior_precision = None  # the tuned prior_precision is the predictive's too
     if method == TuningMethod.MARGLIK:
         if val_loader is not None:
             warnings.warn(

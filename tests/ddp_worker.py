@@ -2,7 +2,9 @@
 process) or under torch.distributed.run with 2 CPU processes (gloo). Checkpoints every 3 steps;
 ``python ddp_worker.py OUT PER_DEVICE_BATCH [CHECKPOINT]`` resumes from CHECKPOINT (written by
 a run with any number of processes). ``HF_MARGLIK_TEST_SUBSET=0.5`` in the environment fits the
-curvature on a curvature-weighted half of the data (``marglik_subset``)."""
+curvature on a curvature-weighted half of the data (``marglik_subset``);
+``HF_MARGLIK_TEST_ONLINE=1`` gathers it online from the training steps (empirical Fisher, so
+that the labels are the same for any number of processes)."""
 
 import json
 import os
@@ -32,6 +34,11 @@ def main(out_dir: str, per_device_batch: int, resume: str | None = None) -> None
         seed=0,
         disable_tqdm=True,
         marglik_subset=float(os.environ.get("HF_MARGLIK_TEST_SUBSET", 0)) or None,
+        **(
+            {"marglik_curvature": "online", "backend": "ef"}
+            if os.environ.get("HF_MARGLIK_TEST_ONLINE")
+            else {}
+        ),
     )
     trainer = MargLikTrainer(model=model, args=args, train_dataset=TinyData())
     trainer.train(resume_from_checkpoint=resume)

@@ -22,7 +22,9 @@ def _free_port() -> int:
 
 def _run(cmd, tmp, subset=None):
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    if subset is not None:
+    if subset == "online":
+        env["HF_MARGLIK_TEST_ONLINE"] = "1"
+    elif subset is not None:
         env["HF_MARGLIK_TEST_SUBSET"] = str(subset)
     proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -35,10 +37,11 @@ def _close(a, b, rtol=1e-10, atol=1e-12):
         assert x == pytest.approx(y, rel=rtol, abs=atol)
 
 
-@pytest.mark.parametrize("subset", [None, 0.5])
+@pytest.mark.parametrize("subset", [None, 0.5, "online"])
 def test_two_processes_equal_one_process(tmp_path, subset):
     """``subset=0.5``: curvature-weighted subsets (each process records the curvature of its
-    shard; the scores are gathered, so every process draws the same subset)."""
+    shard; the scores are gathered, so every process draws the same subset). ``"online"``: the
+    curvature gathered from the training steps, summed over the processes at each update."""
     single, multi = tmp_path / "single", tmp_path / "multi"
     single.mkdir()
     multi.mkdir()
@@ -62,11 +65,12 @@ def test_two_processes_equal_one_process(tmp_path, subset):
     assert ref["world_size"] == 1 and [r["world_size"] for r in ranks] == [2, 2]
     assert ref["n_data"] == 24
     assert len(ref["margliks"]) == 3 * 5
-    assert ref["scores"] == (24 if subset else 0)  # every example's curvature recorded
+    subset_scores = subset == 0.5
+    assert ref["scores"] == (24 if subset_scores else 0)  # every example's curvature recorded
     for got in ranks:
         assert got["n_data"] == ref["n_data"]
         # its shards of the three epochs (reshuffled each epoch); gathered before each draw
-        assert 12 <= got["scores"] <= 24 if subset else got["scores"] == 0
+        assert 12 <= got["scores"] <= 24 if subset_scores else got["scores"] == 0
         for key in ("margliks", "prior_precision", "log_marglik", "curvature", "params"):
             _close(got[key], ref[key])
     # every process holds exactly the same hyperparameters

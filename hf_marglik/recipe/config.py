@@ -50,6 +50,7 @@ RECIPE_DEFAULTS: dict[str, Any] = {
     "marglik_frequency": 1,
     "n_hypersteps": 50,
     "eval_laplace": False,
+    "predictive_prior": "gridsearch",
 }
 
 _CLI_ONLY = {"help", "config"}
@@ -77,15 +78,15 @@ def _str2bool(value: str | bool) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean, got {value!r}")
 
 
-def make_parser():
-    """The ``HfArgumentParser`` over (ModelArguments, DataArguments, LoraArguments,
-    MargLikTrainingArguments), plus ``--config`` and ``--marglik``."""
+def make_parser(task: str | None = None):
+    """The ``HfArgumentParser`` over (ModelArguments, DataArguments, LoraArguments, the
+    training arguments of ``task``), plus ``--config`` and ``--marglik``. The training
+    arguments are ``MargLikTrainingArguments``, or ``MargLikSFTConfig`` (TRL's ``SFTConfig``
+    and the marginal-likelihood settings) for ``task='sft'``."""
     from transformers import HfArgumentParser
 
-    from ..training_args import MargLikTrainingArguments
-
     parser = HfArgumentParser(
-        (ModelArguments, DataArguments, LoraArguments, MargLikTrainingArguments),
+        (ModelArguments, DataArguments, LoraArguments, _training_class(task)),
         exit_on_error=False,  # a bad flag value is a RecipeError (one line), not a usage dump
         prog="train.py",
         description=(
@@ -108,7 +109,41 @@ def make_parser():
         "weight_decay.",
     )
     parser.set_defaults(**RECIPE_DEFAULTS)
+    if task == "sft":
+        parser.set_defaults(likelihood="causal_lm", backend="ggn-mc", predictive_prior="marglik")
     return parser
+
+
+def _training_class(task: str | None):
+    """The marginal-likelihood training arguments of ``task`` (a :class:`RecipeError` naming
+    the install when ``task='sft'`` and TRL is missing)."""
+    if task != "sft":
+        from ..training_args import MargLikTrainingArguments
+
+        return MargLikTrainingArguments
+    try:
+        from ..sft import MargLikSFTConfig
+    except ImportError:
+        raise RecipeError("task='sft' needs TRL: pip install hf_marglik[trl].") from None
+    return MargLikSFTConfig
+
+
+def _task(argv: list[str] | None, config: str | None) -> str | None:
+    """``--task`` from the command line, else the config file's ``task`` (read leniently: the
+    file is checked once the parser is built)."""
+    pre = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+    pre.add_argument("--task", default=None)
+    try:
+        known, _ = pre.parse_known_args(argv)
+    except argparse.ArgumentError as e:
+        raise RecipeError(str(e)) from None
+    if known.task is not None or config is None or not Path(config).is_file():
+        return known.task
+    try:
+        data = yaml.safe_load(Path(config).read_text())
+    except yaml.YAMLError:
+        return None
+    return data.get("task") if isinstance(data, dict) else None
 
 
 def valid_keys(parser) -> list[str]:
@@ -136,11 +171,9 @@ def load_yaml(path: str | os.PathLike, keys: list[str]) -> dict[str, Any]:
     return data
 
 
-def _type_hints() -> dict[str, Any]:
-    from ..training_args import MargLikTrainingArguments
-
+def _type_hints(task: str | None = None) -> dict[str, Any]:
     hints: dict[str, Any] = {}
-    for cls in (ModelArguments, DataArguments, LoraArguments, MargLikTrainingArguments):
+    for cls in (ModelArguments, DataArguments, LoraArguments, _training_class(task)):
         hints.update(typing.get_type_hints(cls))
     return hints
 
@@ -188,12 +221,14 @@ def _convert(action, value: Any) -> Any:
     return value
 
 
-def check_yaml_types(data: dict[str, Any], parser, path: str) -> dict[str, Any]:
+def check_yaml_types(
+    data: dict[str, Any], parser, path: str, task: str | None = None
+) -> dict[str, Any]:
     """The YAML values converted as the same command-line flags would be, or a
     :class:`RecipeError` naming the key, the value and the type the key takes (a list for
     list-valued flags; null only where the field may be None)."""
     actions = {a.dest: a for a in parser._actions if a.nargs != 0}  # not the --no_x twins
-    hints = _type_hints()
+    hints = _type_hints(task)
     out = {}
     for key, value in data.items():
         action, hint = actions[key], hints.get(key)
@@ -236,11 +271,12 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     except argparse.ArgumentError as e:
         raise RecipeError(str(e)) from None
 
-    parser = make_parser()
+    task = _task(argv, known.config)
+    parser = make_parser(task)
     cfg: dict[str, Any] = {}
     if known.config is not None:
         cfg = load_yaml(known.config, valid_keys(parser))
-        cfg = check_yaml_types(cfg, parser, known.config)
+        cfg = check_yaml_types(cfg, parser, known.config, task)
         parser.set_defaults(**cfg)
     marglik = known.marglik if known.marglik is not None else bool(cfg.get("marglik", False))
     if known.output_dir is None and cfg.get("output_dir") is None:
@@ -264,7 +300,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         model_args, data_args, lora_args = (
             cls(**_pick(values, cls)) for cls in (ModelArguments, DataArguments, LoraArguments)
         )
-        training_args = _training_arguments(values, bool(values["marglik"]))
+        training_args = _training_arguments(values, bool(values["marglik"]), task == "sft")
     except (ValueError, TypeError) as e:
         raise RecipeError(str(e)) from None
     return RunConfig(
@@ -276,22 +312,26 @@ def _pick(values: dict[str, Any], cls) -> dict[str, Any]:
     return {f.name: values[f.name] for f in dataclasses.fields(cls) if f.init}
 
 
-def _training_arguments(values: dict[str, Any], marglik: bool):
-    """MargLikTrainingArguments with weight decay 0 for --marglik (the prior replaces it);
-    plain ``TrainingArguments`` with the configured weight decay otherwise."""
+def _training_arguments(values: dict[str, Any], marglik: bool, sft: bool = False):
+    """MargLikTrainingArguments (``sft``: MargLikSFTConfig) with weight decay 0 for --marglik
+    (the prior replaces it); plain ``TrainingArguments`` (``sft``: TRL's ``SFTConfig``) with the
+    configured weight decay otherwise."""
     from transformers import TrainingArguments
 
-    from ..training_args import MargLikTrainingArguments, accelerator_available
+    from ..training_args import accelerator_available
 
+    if sft:
+        from trl import SFTConfig as TrainingArguments  # the plain run: TRL's SFTTrainer
     if marglik:
-        kwargs = _pick(values, MargLikTrainingArguments)
+        cls = _training_class("sft" if sft else None)
+        kwargs = _pick(values, cls)
         if kwargs["weight_decay"]:
             print(
                 f"--marglik: weight_decay={kwargs['weight_decay']} is replaced by the learned "
                 "prior (set to 0)."
             )
         kwargs["weight_decay"] = 0.0
-        return MargLikTrainingArguments(**kwargs)
+        return cls(**kwargs)
     args = TrainingArguments(**_pick(values, TrainingArguments))
     if not accelerator_available():  # as MargLikTrainingArguments: no per-pass pin_memory warning
         args.dataloader_pin_memory = False

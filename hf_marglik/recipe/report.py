@@ -88,16 +88,27 @@ def marglik_results(trainer) -> dict:
         "prior_precision_max": max(values),
         "prior_precision_per_tensor": per_tensor,
         "sigma_noise": hyper["sigma_noise"],
+        "predictive_prior_scale": _predictive_prior_scale(trainer.laplace),
     }
+
+
+def _predictive_prior_scale(lap) -> float | None:
+    """The factor of a tuned predictive prior over the learned one (None when not tuned)."""
+    if lap is None or lap.predictive_prior_precision is None:
+        return None
+    return float((lap.predictive_prior_precision / lap.prior_precision).mean())
 
 
 def summary(results: dict) -> str:
     """One paragraph: what was trained, how long it took, how well the MAP model does."""
     test = results["test"]
+    trainers = ("MargLikTrainer", "transformers.Trainer")
+    if results["task"] == "sft":
+        trainers = ("MargLikSFTTrainer", "trl.SFTTrainer")
     text = (
         f"Trained {results['model']} ({results['task']}, "
         f"{results['trainable_parameters']:,} trainable parameters) with "
-        f"{'MargLikTrainer' if results['mode'] == 'marglik' else 'transformers.Trainer'} on "
+        f"{trainers[0] if results['mode'] == 'marglik' else trainers[1]} on "
         f"{results['n_train']} training examples for {results['epochs']:g} epochs in "
         f"{results['train_runtime_s']:.0f} s ({results['total_runtime_s']:.0f} s in all). "
         f"Test ({test['n_predictions']} predictions): accuracy {test['accuracy']:.3f}, "

@@ -39,15 +39,20 @@ def check_marglik_settings(cfg: RunConfig, vocab_size: int) -> None:
             f"task={task!r} needs likelihood={want!r}, got {t.likelihood.value!r}; "
             f"set --likelihood {want}."
         )
-    if task == "causal_lm" and t.backend.value == "ggn" and vocab_size > MAX_EXACT_OUTPUTS:
+    if want == "causal_lm" and t.backend.value == "ggn" and vocab_size > MAX_EXACT_OUTPUTS:
         raise RecipeError(
             f"backend='ggn' needs one backward pass per vocabulary entry ({vocab_size:,}); "
-            "use --backend ggn-mc for causal_lm."
+            f"use --backend ggn-mc for {task}."
         )
 
 
-def _trainer(cfg: RunConfig, model, datasets, collator):
-    if cfg.marglik:
+def _trainer(cfg: RunConfig, model, datasets, collator, tokenizer=None):
+    kwargs = {"data_collator": collator}
+    if cfg.model.task == "sft":  # TRL's SFTTrainer or MargLikSFTTrainer, TRL's collator
+        from .sft import trainer_class
+
+        cls, kwargs = trainer_class(cfg.marglik), {"processing_class": tokenizer}
+    elif cfg.marglik:
         from ..trainer import MargLikTrainer as cls
     else:
         from transformers import Trainer as cls
@@ -57,7 +62,7 @@ def _trainer(cfg: RunConfig, model, datasets, collator):
             args=cfg.training,
             train_dataset=datasets["train"],
             eval_dataset=datasets["validation"],
-            data_collator=collator,
+            **kwargs,
         )
     except (ValueError, TypeError) as e:
         raise RecipeError(str(e)) from None
@@ -66,7 +71,8 @@ def _trainer(cfg: RunConfig, model, datasets, collator):
 def laplace_test_metrics(cfg: RunConfig, trainer, dataset) -> dict | None:
     """Accuracy, NLL, ECE, Brier of the Laplace predictive (``pred_type`` / ``link_approx`` of
     the training arguments) on the test split: marglik runs with a classification likelihood."""
-    if not cfg.marglik or trainer.laplace is None or cfg.model.task == "causal_lm":
+    lm = TASK_LIKELIHOOD[cfg.model.task] == "causal_lm"
+    if not cfg.marglik or trainer.laplace is None or lm:
         return None
     from ..evaluation import calibration_report
 
@@ -80,6 +86,20 @@ def laplace_test_metrics(cfg: RunConfig, trainer, dataset) -> dict | None:
         torch.Generator().manual_seed(a.seed),
     )
     return {k.removeprefix("laplace_"): v for k, v in report.items() if k.startswith("laplace_")}
+
+
+def learned_prior_metrics(cfg: RunConfig, trainer, dataset, test_laplace) -> dict | None:
+    """With ``predictive_prior='gridsearch'``: the Laplace predictive's test metrics at the
+    precisions the marginal likelihood learned (``test_laplace`` has the tuned ones)."""
+    lap = trainer.laplace if test_laplace is not None else None
+    if lap is None or lap.predictive_prior_precision is None:
+        return None
+    tuned = lap.predictive_prior_precision
+    lap.predictive_prior_precision = None
+    try:
+        return laplace_test_metrics(cfg, trainer, dataset)
+    finally:
+        lap.predictive_prior_precision = tuned
 
 
 @torch.no_grad()
@@ -167,7 +187,7 @@ class Prepared:
     encoded: dict
     num_labels: int | None
     class_ids: list[int] | None
-    collator: PadCollator
+    collator: PadCollator | None  # None for sft: TRL's own
 
 
 def prepare(cfg: RunConfig) -> Prepared:
@@ -189,8 +209,13 @@ def prepare(cfg: RunConfig) -> Prepared:
                     f"there are {len(data.class_names)} class names."
                 )
             class_ids = answer_token_ids(source.tokenizer, data.class_names, d.answer_prefix)
-    encoded = encode_splits(data, source.tokenizer, m.task, d, data.class_names)
-    collator = PadCollator(source.tokenizer.pad_token_id)
+    if m.task == "sft":
+        from .sft import chat_splits
+
+        encoded, collator = chat_splits(data, source.tokenizer, d), None
+    else:
+        encoded = encode_splits(data, source.tokenizer, m.task, d, data.class_names)
+        collator = PadCollator(source.tokenizer.pad_token_id)
     return Prepared(source, data, encoded, num_labels, class_ids, collator)
 
 
@@ -240,7 +265,7 @@ def run(cfg: RunConfig) -> dict:
 
     set_seed(cfg.training.seed)
     model = build_model(m, cfg.lora, prep.source, prep.num_labels, prep.class_ids)
-    trainer = _trainer(cfg, model, encoded, prep.collator)
+    trainer = _trainer(cfg, model, encoded, prep.collator, prep.source.tokenizer)
     train_start, train_cpu_start = time.time(), time.process_time()
     train_resumable(trainer)  # resume_from_checkpoint; SIGTERM: checkpoint, then stop
     train_time = time.time() - train_start
@@ -252,14 +277,16 @@ def run(cfg: RunConfig) -> dict:
 
         loader = tqdm(loader, desc="Test")
     preds = None
-    if d.save_predictions and m.task != "causal_lm":
+    lm = TASK_LIKELIHOOD[m.task] == "causal_lm"  # per-token metrics (causal_lm, sft)
+    if d.save_predictions and not lm:
         preds = predictions(cfg, trainer, model, encoded, loader)
         test = preds["test"]["metrics"]
         test_laplace = preds["test_laplace"]["metrics"] if preds["test_laplace"] else None
         preds["class_names"] = data.class_names
     else:
-        test = evaluate(model, loader, m.task)
+        test = evaluate(model, loader, "causal_lm" if lm else m.task)
         test_laplace = laplace_test_metrics(cfg, trainer, encoded["test"])
+    test_laplace_learned = learned_prior_metrics(cfg, trainer, encoded["test"], test_laplace)
 
     results = {
         "mode": "marglik" if cfg.marglik else "plain",
@@ -276,6 +303,7 @@ def run(cfg: RunConfig) -> dict:
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "test": test,
         "test_laplace": test_laplace,
+        "test_laplace_learned_prior": test_laplace_learned,
         "validation": preds["validation"]["metrics"] if preds else None,
         "train_runtime_s": train_time,
         "train_cpu_s": train_cpu,
