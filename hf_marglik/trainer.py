@@ -309,6 +309,7 @@ class MargLikTrainerMixin:
                 seed=a.seed + self.args.process_index,  # independent labels per process
             )
         self._epoch_loss, self._epoch_items = 0.0, 0
+        self._saved_epoch = (0.0, 0)
         self._check_schedule()
         if self.optimizer is not None and any(
             g.get("weight_decay", 0) > 0 for g in self.optimizer.param_groups
@@ -493,7 +494,10 @@ class MargLikTrainerMixin:
         epoch_end = state.epoch is not None and state.epoch > 0
         epoch_end = epoch_end and abs(state.epoch - round(state.epoch)) < 1e-9
         if epoch_end:
-            self.losses.append(float(self._epoch_loss) / max(self._epoch_items, 1))
+            # the epoch's log joint over all processes' shards (the same value everywhere)
+            total = _sum_over_processes(float(self._epoch_loss), exact_int=False)
+            items = _sum_over_processes(self._epoch_items)
+            self.losses.append(total / max(items, 1))
             self._epoch_loss, self._epoch_items = 0.0, 0
         if a.marglik_steps is not None:
             due = state.global_step % a.marglik_steps == 0
@@ -575,9 +579,16 @@ class MargLikTrainerMixin:
         if self._online is not None:
             self._online.reset()
         if lap is None:
-            self.log({"marglik_skipped": 1.0})
+            self._log_keeping_control({"marglik_skipped": 1.0})
             return
-        self.log(self._hyper_logs(-self.margliks[-1], lap.n_clipped))
+        self._log_keeping_control(self._hyper_logs(-self.margliks[-1], lap.n_clipped))
+
+    def _log_keeping_control(self, logs: dict[str, float]) -> None:
+        """``log`` from inside ``on_step_end``: the Trainer's ``log`` resets
+        ``control.should_log``, which would drop the loss line due at this very step."""
+        should_log = self.control.should_log
+        self.log(logs)
+        self.control.should_log = should_log
 
     def _hyper_logs(self, log_marglik: float, n_clipped: int = 0) -> dict[str, float]:
         hyper = self.marglik_loop.hyper
@@ -652,8 +663,8 @@ class MargLikTrainerMixin:
             "param_names": list(self._names),
             "n_data": self.n_data,
             "loop": self.marglik_loop.state_dict(),
-            "epoch_loss": float(self._epoch_loss),
-            "epoch_items": self._epoch_items,
+            "epoch_loss": self._saved_epoch[0],
+            "epoch_items": self._saved_epoch[1],
             "subset_scores": (
                 None if self._curvature_subset is None else self._curvature_subset.state_dict()
             ),
@@ -661,7 +672,15 @@ class MargLikTrainerMixin:
         }
 
     def _on_save(self) -> None:
-        if self.marglik_loop is None or not self.args.should_save:
+        if self.marglik_loop is None:
+            return
+        # the running epoch loss of all processes' shards (every process takes part); a
+        # resumed run gives it to one process, so that the epoch's sum stays right
+        self._saved_epoch = (
+            _sum_over_processes(float(self._epoch_loss), exact_int=False),
+            _sum_over_processes(self._epoch_items),
+        )
+        if not self.args.should_save:
             return
         folder = checkpoint_folder(self.args.output_dir, self.state.global_step)
         if not os.path.isdir(folder):
@@ -699,7 +718,8 @@ class MargLikTrainerMixin:
     def _load_state(self, checkpoint: str) -> None:
         sd = self._read_state(checkpoint)
         self.marglik_loop.load_state_dict(sd["loop"])
-        self._epoch_loss, self._epoch_items = sd["epoch_loss"], sd["epoch_items"]
+        if self.args.process_index == 0:  # the epoch's running sums, over all processes
+            self._epoch_loss, self._epoch_items = sd["epoch_loss"], sd["epoch_items"]
         if self._curvature_subset is not None and sd.get("subset_scores") is not None:
             self._curvature_subset.load_state_dict(sd["subset_scores"])
         if self._online is not None and sd.get("online") is not None:
@@ -749,12 +769,13 @@ class MargLikTrainer(MargLikTrainerMixin, Trainer):
     Everything it adds is described in :class:`MargLikTrainerMixin`."""
 
 
-def _sum_over_processes(n: int) -> int:
-    """``n`` summed over the processes of a ``torch.distributed`` group (``n`` alone otherwise)."""
+def _sum_over_processes(n: float, exact_int: bool = True):
+    """``n`` summed over the processes of a ``torch.distributed`` group (``n`` alone otherwise);
+    an int unless ``exact_int=False``."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return n
     t = torch.tensor(float(n), dtype=torch.float64)
     if dist.get_backend() == "nccl":
         t = t.cuda()
     dist.all_reduce(t)
-    return int(t.item())
+    return int(t.item()) if exact_int else float(t.item())

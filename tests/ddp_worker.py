@@ -50,6 +50,7 @@ def main(out_dir: str, per_device_batch: int, resume: str | None = None) -> None
         "scores": len(trainer._curvature_subset.scores) if trainer._curvature_subset else 0,
         "n_data": trainer.n_data,
         "margliks": trainer.margliks,
+        "losses": trainer.losses,
         "prior_precision": lap.prior_precision.tolist(),
         "log_marglik": float(lap.log_marginal_likelihood()),
         "curvature": lap.curvature_dense().flatten().tolist(),

@@ -556,3 +556,12 @@ def test_bad_model_and_data(tmp_path):
     assert trainer.margliks == [] and trainer.laplace is not None
     with pytest.raises(ValueError, match="No checkpoint"):
         _mlp_trainer(tmp_path / "empty").train(resume_from_checkpoint=True)
+
+
+def test_loss_is_logged_at_update_steps_too(tmp_path):
+    """The hyperparameter logs made inside on_step_end do not swallow the Trainer's own loss
+    line due at the same step (logging_steps=1: every step has one)."""
+    trainer = _mlp_trainer(tmp_path, num_train_epochs=3)
+    trainer.train()
+    assert [e["step"] for e in trainer.state.log_history if "loss" in e] == [1, 2, 3, 4, 5, 6]
+    assert [e["step"] for e in trainer.state.log_history if "marglik" in e] == [2, 4, 6]

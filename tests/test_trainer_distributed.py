@@ -71,14 +71,14 @@ def test_two_processes_equal_one_process(tmp_path, subset):
         assert got["n_data"] == ref["n_data"]
         # its shards of the three epochs (reshuffled each epoch); gathered before each draw
         assert 12 <= got["scores"] <= 24 if subset_scores else got["scores"] == 0
-        for key in ("margliks", "prior_precision", "log_marglik", "curvature", "params"):
+        for key in ("margliks", "losses", "prior_precision", "log_marglik", "curvature", "params"):
             _close(got[key], ref[key])
     # every process holds exactly the same hyperparameters
     assert ranks[0]["prior_precision"] == ranks[1]["prior_precision"]
 
 
 def _check_same(got, ref):
-    for key in ("prior_precision", "log_marglik", "curvature", "params"):
+    for key in ("losses", "prior_precision", "log_marglik", "curvature", "params"):
         _close(got[key], ref[key])
 
 
