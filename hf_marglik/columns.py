@@ -70,10 +70,13 @@ def loss_columns(
                 yield s * m
         elif backend == Backend.GGN_MC:
             flat = p.reshape(-1, p.shape[-1])
-            for _ in range(n_samples):
-                y = torch.multinomial(flat, 1, generator=generator).reshape(p.shape[:-1])
-                onehot = nn.functional.one_hot(y, p.shape[-1]).to(f.dtype)
-                yield (p - onehot) * m / math.sqrt(n_samples)
+            weight = m / math.sqrt(n_samples)
+            for i in range(n_samples):
+                y = torch.multinomial(flat, 1, generator=generator).reshape(*p.shape[:-1], 1)
+                # p − e_ŷ built in place (no one-hot of the vocabulary); the last sample reuses p
+                s = p if i == n_samples - 1 else p.clone()
+                s.scatter_add_(-1, y, torch.full(y.shape, -1.0, dtype=p.dtype, device=p.device))
+                yield s.mul_(weight)
         else:
             yield (p - nn.functional.one_hot(t.y, p.shape[-1]).to(f.dtype)) * m
     else:

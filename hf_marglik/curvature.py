@@ -19,6 +19,11 @@ conventions are ours and checked against dense references (see tests/):
   Padded positions (``attention_mask == 0``) never enter ``A``.
 * ``full`` and ``diag`` use the exact per-example gradients.
 
+A model that trains with gradient checkpointing is fitted with it (:func:`pass_modes`): each
+backward pass re-runs the forward of the checkpointed layers, whose inputs the :class:`Recorder`
+does not record again, and K-FAC takes each input and output gradient as it is recorded, so
+that a fit holds about the memory of a training step.
+
 ASDL's own Fisher makers are not used: they add into ``.grad``, leave ``fisher`` attributes that
 crash peft's ``ModulesToSaveWrapper`` on a second call, sum ``A`` over tokens, ignore index -1
 rather than -100 and sample targets at padded positions (see NOTES.md).
@@ -29,8 +34,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import warnings
+import weakref
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 
 import asdl
 import torch
@@ -88,53 +95,161 @@ def linear_sites(model: nn.Module, params: list[tuple[str, nn.Parameter]]) -> li
 
 
 class Recorder:
-    """Records the inputs and output gradients of the sites through ASDL's hooks."""
+    """The inputs and output gradients of the sites, as ASDL's hooks record them.
+
+    ASDL (``asdl.save_inputs_outgrads``) appends each site's input in the forward pass and its
+    output gradient in each backward pass to a record. Hooks of ours, registered after ASDL's on
+    the same modules, take each record out as soon as ASDL has made it and either hand it on
+    (``on_input(i, a)`` of :meth:`forward`, ``on_grad(i, g)`` of :meth:`backward`; nothing is
+    kept) or keep it for :meth:`inputs` / :meth:`output_grads`. Handing on matters with gradient
+    checkpointing: keeping every layer's input and output gradient until the end of a pass would
+    keep as much memory as the activations that checkpointing frees.
+
+    Inputs come from the forward pass only. A forward pass is the :meth:`forward` block or,
+    without one, everything up to the first :meth:`inputs` call. With gradient checkpointing
+    each backward pass re-runs the forward of the checkpointed layers, and the forward hooks of
+    their sites fire again: an input recorded outside the forward pass is such a re-run and is
+    dropped, so each site's input counts once and pairs with the output gradients of every
+    backward pass of the batch.
+    """
 
     def __init__(self, sites: list[LinearSite], dtype: torch.dtype):
         self.sites, self.dtype = sites, dtype
         self._cxt = None
+        self._start_forward(None)
+        self._start_backward(None)
 
     @contextlib.contextmanager
     def recording(self, model: nn.Module):
         """Record inputs and output gradients of the sites (ASDL hooks) inside the block."""
         with warnings.catch_warnings():
-            # ASDL registers module backward hooks of the pre-full kind; their grad_output (all
-            # that is read here) is correct, the deprecation warning is noise for users.
+            # ASDL registers module backward hooks of the pre-full kind (and so does the Recorder,
+            # to run after them); their grad_output (all that is read here) is correct, the
+            # deprecation warning is noise for users.
             warnings.filterwarnings("ignore", message=".*non-full backward hook.*")
             warnings.filterwarnings("ignore", message=".*backward hook.*deprecated.*")
             with asdl.save_inputs_outgrads(model, targets=[s.module for s in self.sites]) as cxt:
+                handles = []
                 self._cxt, self.model = cxt, model
                 try:
+                    for i, s in enumerate(self.sites):
+                        handles.append(s.module.register_forward_hook(partial(self._took_input, i)))
+                        handles.append(s.module.register_backward_hook(partial(self._took_grad, i)))
                     yield self
                 finally:
+                    for h in handles:
+                        h.remove()
                     self._cxt = None
 
-    def inputs(self) -> list[Tensor]:
-        """Inputs of each site in the last forward pass (popped from ASDL's record)."""
-        out = []
-        for s in self.sites:
-            recorded = self._cxt.in_data(s.module, pop=True)
-            if not recorded:
+    def _start_forward(self, on_input) -> None:
+        self._on_input, self._in_forward = on_input, True
+        self._calls = [0] * len(self.sites)
+        self._shapes: list[torch.Size | None] = [None] * len(self.sites)
+        self._inputs: list[Tensor | None] = [None] * len(self.sites)
+
+    def _end_forward(self) -> None:
+        if not self._in_forward:
+            return
+        self._in_forward, self._on_input = False, None
+        for s, n in zip(self.sites, self._calls):
+            if n == 0:
                 raise RuntimeError(f"Layer {s.name!r} was not called in the forward pass.")
-            if len(recorded) > 1:
-                raise ValueError(
-                    f"Layer {s.name!r} was called {len(recorded)} times in one forward pass; "
-                    "weight sharing across calls is not supported by hf_marglik's curvature."
-                )
-            out.append(recorded[0].to(self.dtype))
+
+    def _start_backward(self, on_grad) -> None:
+        self._on_grad = on_grad
+        self._grads: list[list[Tensor]] = [[] for _ in self.sites]
+        self._n_grads = [0] * len(self.sites)
+
+    def _took_input(self, i: int, module: nn.Module, args, output) -> None:
+        if self._cxt is None:
+            return
+        recorded = self._cxt.in_data(module, pop=True)  # ASDL's record of this call
+        if not recorded or not self._in_forward:
+            return  # a re-run of the forward by gradient checkpointing in a backward pass
+        self._calls[i] += 1
+        if self._calls[i] > 1:
+            raise ValueError(
+                f"Layer {self.sites[i].name!r} was called {self._calls[i]} times in one forward "
+                "pass; weight sharing across calls is not supported by hf_marglik's curvature."
+            )
+        a = recorded[-1]
+        self._shapes[i] = a.shape
+        if self._on_input is not None:
+            self._on_input(i, a)
+        else:
+            self._inputs[i] = a
+
+    def _took_grad(self, i: int, module: nn.Module, grad_input, grad_output) -> None:
+        if self._cxt is None:
+            return  # a graph recorded inside the block, backpropagated after it
+        recorded = self._cxt.out_grads(module, pop=True)
+        if not recorded:
+            return
+        self._n_grads[i] += len(recorded)
+        shape = self._shapes[i]
+        for g in recorded:
+            g = g.to(self.dtype)
+            if shape is not None:
+                g = g.reshape(*shape[:-1], g.shape[-1])
+            if self._on_grad is not None:
+                self._on_grad(i, g)
+            else:
+                self._grads[i].append(g)
+
+    @contextlib.contextmanager
+    def forward(self, on_input=None):
+        """One forward pass of the model inside the block: every site must be called once.
+        ``on_input(i, a)`` takes each site's input as it is recorded (in ASDL's dtype; nothing
+        is kept); without it the inputs are kept for :meth:`inputs`."""
+        self._start_forward(on_input)
+        try:
+            yield self
+        except BaseException:
+            self._in_forward, self._on_input = False, None
+            raise
+        self._end_forward()
+
+    @contextlib.contextmanager
+    def backward(self, on_grad=None):
+        """One backward pass inside the block. With ``on_grad(i, g)``, each site's output
+        gradient (shaped like its input) is handed on as it arrives and every site must get
+        exactly one; without it they are kept for :meth:`output_grads`."""
+        self._start_backward(on_grad)
+        try:
+            yield self
+        finally:
+            self._on_grad = None
+        if on_grad is not None:
+            self._check_grads()
+
+    def _check_grads(self) -> None:
+        for s, n in zip(self.sites, self._n_grads):
+            if n != 1:
+                raise RuntimeError(f"Layer {s.name!r} saw {n} backward passes, expected 1.")
+
+    def inputs(self) -> list[Tensor]:
+        """Inputs of each site in the forward pass (in ``dtype``); ends the forward pass."""
+        self._end_forward()
+        out = [a.to(self.dtype) for a in self._inputs]
+        self._inputs = [None] * len(self.sites)
         return out
 
     def output_grads(self, inputs: list[Tensor]) -> list[Tensor]:
         """Output gradients of each site in the last backward pass, shaped like its inputs."""
-        out = []
-        for s, a in zip(self.sites, inputs):
-            recorded = self._cxt.out_grads(s.module, pop=True)
-            if recorded is None or len(recorded) != 1:
-                n = 0 if recorded is None else len(recorded)
-                raise RuntimeError(f"Layer {s.name!r} saw {n} backward passes, expected 1.")
-            g = recorded[0].to(self.dtype)
-            out.append(g.reshape(*a.shape[:-1], g.shape[-1]))
+        self._check_grads()
+        out = [g[0].reshape(*a.shape[:-1], g[0].shape[-1]) for g, a in zip(self._grads, inputs)]
+        self._start_backward(None)
         return out
+
+
+@dataclass
+class _InputBatch:
+    """The input factors' state within one forward pass (:meth:`Curvature.add_input`)."""
+
+    mask: Tensor | None
+    weights: Tensor | None
+    seen: dict = field(default_factory=dict)  # site -> (tensor key, weak ref to its storage)
+    pending: dict = field(default_factory=dict)  # accumulator -> the input its rows come from
 
 
 class Curvature:
@@ -165,14 +280,16 @@ class Curvature:
             self.H = torch.zeros(n, dtype=dtype, device=device)
         else:
             self.inputs: list[DenseFactor | SketchedFactor] = []  # Σ a aᵀ, possibly shared
+            self._input_keys: list[int] = []  # the seed key each input accumulator was made with
             self.a_of: dict[int, int] = {}  # site -> index into inputs
             self.B: dict[int, DenseFactor | SketchedFactor] = {}  # site -> Σ g gᵀ
+            self._b_side: dict[int, int] = {}
 
     def add(self, inputs: list[Tensor], grads: list[Tensor], mask: Tensor | None) -> None:
         """Add one column's contribution (all examples of the batch)."""
         if self.structure == HessianStructure.KRON:
-            for i, (a, g) in enumerate(zip(inputs, grads)):
-                self._add_kron(i, a, g, mask)
+            for i, g in enumerate(grads):
+                self._add_kron(i, g)  # shaped like the input
             return
         per_example = self._per_example_grads(inputs, grads)
         if self.structure == HessianStructure.FULL:
@@ -184,41 +301,69 @@ class Curvature:
         self, inputs: list[Tensor], mask: Tensor | None, weights: Tensor | None = None
     ) -> None:
         """Add the input factors of one forward pass (K-FAC only; once per batch); ``weights``:
-        one per example, example ``n``'s rows count ``w_n`` times.
-
-        Sites whose inputs are the same tensor share one accumulator. Should a later batch feed
-        them different inputs, the shared accumulator is split first (each keeps the sum so far).
-        """
+        one per example, example ``n``'s rows count ``w_n`` times. The same as
+        :meth:`begin_inputs`, :meth:`add_input` for each site in order, :meth:`end_inputs`."""
         if self.structure != HessianStructure.KRON:
             return
-        keys = {
-            i: (a.data_ptr(), tuple(a.shape), tuple(a.stride()), a.dtype)
-            for i, (s, a) in enumerate(zip(self.sites, inputs))
-            if s.weight_index is not None
-        }
-        for i in keys:
-            shared = [j for j in keys if j < i and self.a_of.get(j, -1) == self.a_of.get(i, -2)]
-            if any(keys[j] != keys[i] for j in shared):
+        self.begin_inputs(mask, weights)
+        for i, a in enumerate(inputs):
+            self.add_input(i, a)
+        self.end_inputs()
+
+    def begin_inputs(self, mask: Tensor | None, weights: Tensor | None = None) -> None:
+        """Start the input factors of one forward pass, fed one site at a time by
+        :meth:`add_input` as the forward pass reaches it, up to :meth:`end_inputs`."""
+        self._batch = _InputBatch(mask, weights)
+
+    def add_input(self, i: int, a: Tensor) -> None:
+        """Site ``i``'s input in the current forward pass (K-FAC only).
+
+        Sites whose inputs are the same tensor share one accumulator (``a`` is compared with the
+        earlier inputs of the pass that are still alive, so a new tensor at a freed one's address
+        is not taken for it). Should a later batch feed them different inputs, the shared
+        accumulator is split (each keeps the sum so far): the rows of an accumulator that more
+        sites share wait until all of them have been seen in the pass.
+        """
+        if self.structure != HessianStructure.KRON or self.sites[i].weight_index is None:
+            return
+        b = self._batch
+        storage = a.untyped_storage()
+        key = (a.data_ptr(), tuple(a.shape), tuple(a.stride()), a.dtype)
+        partner = next((j for j, (k, ref) in b.seen.items() if k == key and ref() is storage), None)
+        b.seen[i] = (key, weakref.ref(storage))
+        k = self.a_of.get(i)
+        if k is None and partner is not None:
+            self.a_of[i] = self.a_of[partner]  # the same tensor: its rows count once
+        elif k is None:
+            self.a_of[i] = len(self.inputs)
+            self.inputs.append(self._factor(a.shape[-1], 2 * i))
+            self._input_keys.append(2 * i)
+            b.pending[self.a_of[i]] = a
+        elif partner is None or self.a_of[partner] != k:
+            if any(self.a_of.get(j) == k for j in b.seen if j != i):
+                # k was fed another input in this pass; its rows of this pass are still pending,
+                # so the copy is k before this pass
                 self.a_of[i] = len(self.inputs)
-                self.inputs.append(copy.deepcopy(self.inputs[self.a_of[shared[0]]]))
-        first: dict[tuple, int] = {}
-        done: set[int] = set()
-        for i, key in keys.items():
-            if i not in self.a_of:
-                j = first.get(key)
-                if j is not None:
-                    self.a_of[i] = self.a_of[j]
-                else:
-                    self.a_of[i] = len(self.inputs)
-                    self.inputs.append(self._factor(inputs[i].shape[-1], 2 * i))
-            first.setdefault(key, i)
-            if self.a_of[i] in done:
+                self.inputs.append(copy.deepcopy(self.inputs[k]))
+                self._input_keys.append(self._input_keys[k])
+            b.pending[self.a_of[i]] = a
+        self._flush_inputs(all_seen=True)
+
+    def end_inputs(self) -> None:
+        """End the forward pass: every pending accumulator gets its rows."""
+        self._flush_inputs(all_seen=False)
+        self._batch = None
+
+    def _flush_inputs(self, all_seen: bool) -> None:
+        b = self._batch
+        for k in list(b.pending):
+            if all_seen and any(j not in b.seen for j, kk in self.a_of.items() if kk == k):
                 continue
-            rows, count = self._input_rows(inputs[i], mask, weights)
-            factor = self.inputs[self.a_of[i]]
+            a = b.pending.pop(k)
+            rows, count = self._input_rows(a.to(self.dtype), b.mask, b.weights)
+            factor = self.inputs[k]
             factor.add(rows)
             factor.count += count
-            done.add(self.a_of[i])
 
     def _factor(self, d: int, key: int) -> DenseFactor | SketchedFactor:
         # the sketch's random test matrix depends only on the factor: the same on every process
@@ -251,16 +396,21 @@ class Curvature:
             return rows, a3.shape[0]
         return rows * w.sqrt().unsqueeze(-1), float(w.sum())
 
-    def _add_kron(self, i: int, a: Tensor, g: Tensor, mask: Tensor | None) -> None:
+    def add_output_grad(self, i: int, g: Tensor) -> None:
+        """Site ``i``'s output gradient of one column, shaped like its input (K-FAC only)."""
+        self._add_kron(i, g)
+
+    def _add_kron(self, i: int, g: Tensor) -> None:
         g2 = (
             g.reshape(-1, g.shape[-1])
-            if a.ndim == 2 or self.kfac_approx == KFACApprox.EXPAND
+            if g.ndim == 2 or self.kfac_approx == KFACApprox.EXPAND
             else None
         )
         if g2 is None:
             g2 = g.reshape(g.shape[0], -1, g.shape[-1]).sum(1)
         if i not in self.B:
             self.B[i] = self._factor(g2.shape[1], 2 * i + 1)
+            self._b_side[i] = g2.shape[1]
         self.B[i].add(g2)
 
     def _per_example_grads(self, inputs: list[Tensor], grads: list[Tensor]) -> Tensor:
@@ -281,6 +431,43 @@ class Curvature:
             count = torch.tensor(float(factor.count), dtype=torch.float64, device=self.device)
             dist.all_reduce(count)
             factor.count = float(count.item())
+
+    @property
+    def empty(self) -> bool:
+        """Whether nothing has been added yet."""
+        if self.structure != HessianStructure.KRON:
+            return not bool(self.H.any())
+        return not self.B
+
+    def state_dict(self) -> dict:
+        """The running sums (to continue accumulating after a resume)."""
+        if self.structure != HessianStructure.KRON:
+            return {"H": self.H.clone()}
+        return {
+            "inputs": [
+                (f.d if hasattr(f, "d") else f.M.shape[0], f.state_dict()) for f in self.inputs
+            ],
+            "input_keys": list(self._input_keys),
+            "a_of": dict(self.a_of),
+            "B": {i: (f.state_dict(), self._b_side[i]) for i, f in self.B.items()},
+        }
+
+    def load_state_dict(self, sd: dict) -> None:
+        if self.structure != HessianStructure.KRON:
+            self.H.copy_(sd["H"])
+            return
+        self.inputs, self._input_keys = [], list(sd["input_keys"])
+        for (d, state), key in zip(sd["inputs"], self._input_keys):
+            factor = self._factor(d, key)
+            factor.load_state_dict(state)
+            self.inputs.append(factor)
+        self.a_of = {int(k): int(v) for k, v in sd["a_of"].items()}
+        self.B, self._b_side = {}, {}
+        for i, (state, d) in sd["B"].items():
+            i = int(i)
+            self.B[i] = self._factor(d, 2 * i + 1)
+            self.B[i].load_state_dict(state)
+            self._b_side[i] = d
 
     def posterior(self, scale: float = 1.0) -> Posterior:
         """The fitted curvature ``scale · H`` in its structure's posterior form."""
@@ -372,6 +559,112 @@ def _position_mask(mask: Tensor | None, a3: Tensor) -> Tensor | None:
     return mask.bool()
 
 
+# ---------------------------------------------------------------------------- module modes
+@contextlib.contextmanager
+def pass_modes(model: nn.Module):
+    """The modules' modes for a curvature pass: eval mode (dropout off), with the model's
+    gradient checkpointing kept.
+
+    Hugging Face layers (``transformers.modeling_layers.GradientCheckpointingLayer``) checkpoint
+    only when their ``gradient_checkpointing`` and ``training`` flags are both on, so in plain
+    eval mode a model that trains with checkpointing would backpropagate with all its
+    activations kept. Inside the block every module is in eval mode, except that each
+    checkpointing layer's ``training`` flag is on while the layer decides whether to
+    checkpoint: its checkpoint function is wrapped so that the layer's own forward (in the
+    forward pass, and when a backward pass re-runs it) sees ``training=False``. Dropout, in a
+    child module (attention dropout reads the attention module's own flag) or in the layer's
+    own forward, stays off, and the function computed is the eval-mode one with or without
+    checkpointing. The checkpoint runs non-reentrant (the pass takes ``torch.autograd.grad``,
+    which reentrant checkpointing refuses) and the configs' ``use_cache`` is off (a KV cache
+    written in the forward pass would be written again by each re-run).
+
+    Every module's ``training`` flag, the checkpoint functions and ``use_cache`` are restored
+    afterwards, also when the block raises.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    layers = checkpointing_layers(model)
+    configs = {}
+    if layers:
+        for m in model.modules():
+            cfg = getattr(m, "config", None)
+            if getattr(cfg, "use_cache", None):
+                configs[id(cfg)] = (cfg, cfg.use_cache)
+    model.eval()
+    saved = [(layer, layer.__dict__.get("_gradient_checkpointing_func")) for layer in layers]
+    try:
+        for layer, checkpoint in saved:
+            layer._gradient_checkpointing_func = _checkpoint_in_eval(layer, checkpoint)
+            layer.training = True
+        for cfg, _ in configs.values():
+            cfg.use_cache = False
+        yield
+    finally:
+        for layer, checkpoint in saved:
+            if checkpoint is None:
+                layer.__dict__.pop("_gradient_checkpointing_func", None)
+            else:
+                layer._gradient_checkpointing_func = checkpoint
+        for m, flag in modes:
+            m.training = flag
+        for cfg, value in configs.values():
+            cfg.use_cache = value
+
+
+def checkpointing_layers(model: nn.Module) -> list[nn.Module]:
+    """The layers of ``model`` that train with gradient checkpointing (transformers'
+    ``GradientCheckpointingLayer`` with ``gradient_checkpointing`` on: what
+    ``gradient_checkpointing_enable()``, or the Trainer's ``gradient_checkpointing=True``, turns
+    on, also through a peft wrapper). Other modules that checkpoint (the loops of some older
+    transformers models) are not kept by :func:`pass_modes`: a warning says so."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:
+        GradientCheckpointingLayer = ()  # noqa: N806
+    layers, other = [], []
+    for m in model.modules():
+        if getattr(m, "gradient_checkpointing", False) is not True:
+            continue
+        if isinstance(m, GradientCheckpointingLayer) and callable(
+            m.__dict__.get("_gradient_checkpointing_func")
+        ):
+            layers.append(m)
+        else:
+            other.append(m)
+    ids = {id(layer) for layer in layers}
+    for m in other:
+        inner = any(id(c) in ids for c in m.modules())
+        if not inner and getattr(m, "_gradient_checkpointing_func", None) is not None:
+            warnings.warn(
+                f"{type(m).__name__} trains with gradient checkpointing of a kind the curvature "
+                "pass cannot keep (only transformers' GradientCheckpointingLayer layers): the "
+                "pass runs without it and keeps every activation.",
+                stacklevel=3,
+            )
+            break
+    return layers
+
+
+def _checkpoint_in_eval(layer: nn.Module, checkpoint):
+    """``checkpoint`` (the layer's checkpoint function), non-reentrant, running the layer's
+    forward with ``layer.training`` off."""
+    from torch.utils.checkpoint import checkpoint as torch_checkpoint
+
+    takes = checkpoint is torch_checkpoint or "use_reentrant" in getattr(checkpoint, "keywords", {})
+    off = {"use_reentrant": False} if takes else {}
+
+    def run(function, *args, **kwargs):
+        def forward_in_eval(*a, **k):
+            layer.training = False
+            try:
+                return function(*a, **k)
+            finally:
+                layer.training = True
+
+        return checkpoint(forward_in_eval, *args, **{**kwargs, **off})
+
+    return run
+
+
 # ---------------------------------------------------------------------------- the data pass
 @dataclass
 class FitResult:
@@ -412,8 +705,9 @@ def fit_curvature(
     example_weights=None,
     progress_bar: bool = False,
 ) -> FitResult:
-    """One pass over ``loader`` in eval mode: the loss and the curvature at the current
-    parameters, summed over data-parallel processes. ``n_data`` (the data points of the whole
+    """One pass over ``loader`` in eval mode (with the model's gradient checkpointing, see
+    :func:`pass_modes`): the loss and the curvature at the current parameters, summed over
+    data-parallel processes. ``n_data`` (the data points of the whole
     training set when ``loader`` covers a subset) rescales both by ``n_data / counted``;
     ``example_weights(batch)`` gives one weight per example (see ``Laplace.fit``). The model's
     train/eval mode, ``requires_grad`` flags and ``.grad`` are restored, also when it raises."""
@@ -423,19 +717,16 @@ def fit_curvature(
     )
     loss = torch.zeros((), dtype=dtype, device=device)
     counted, n_outputs = 0.0, None
-    was_training = model.training
     flags = [p.requires_grad for p in model.parameters()]
     grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
-    model.eval()
     try:
         rec = Recorder(sites, dtype)
-        with rec.recording(model):
+        with pass_modes(model), rec.recording(model):
             for batch in tqdm(loader, desc="Curvature fit", disable=not progress_bar):
                 w = None if example_weights is None else example_weights(batch)
                 n, k = _fit_batch(rec, curv, batch, params, settings, generator, loss, w, device)
                 counted, n_outputs = counted + n, k
     finally:
-        model.train(was_training)
         for p, flag, g in zip(model.parameters(), flags, grads):
             p.requires_grad_(flag)
             p.grad = g
@@ -461,48 +752,77 @@ def _fit_batch(rec, curv, batch, params, settings, generator, loss, w, device):
     inputs, y = B.split_batch(batch, settings.dict_key_x, settings.dict_key_y)
     inputs, y = B.to_device(inputs, device), B.to_device(y, device)
     mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
+    # K-FAC takes each site's input and output gradient as it comes (nothing is kept: with
+    # gradient checkpointing, the pass holds no more activations than a training step);
+    # diag/full need the inputs again for each column's per-example gradients
+    kron = curv.structure == HessianStructure.KRON
+    if w is not None:  # checked before the forward pass, which takes them
+        _checked_weights(w, B.batch_size(inputs, settings.dict_key_x), device, curv.dtype)
     with torch.enable_grad():
-        logits = B.call_model(rec.model, inputs, settings.dict_key_x)
+        if kron:
+            curv.begin_inputs(mask, w)
+        with rec.forward(curv.add_input if kron else None):
+            logits = B.call_model(rec.model, inputs, settings.dict_key_x)
+        if kron:
+            curv.end_inputs()
+        acts = None if kron else rec.inputs()
         t = B.targets_for(logits, y, settings.likelihood, mask)
         if settings.likelihood != Likelihood.REGRESSION:
             check_outputs(logits.shape[-1], settings.backend)
         wp = None if w is None else _point_weights(w, t, curv.dtype)
         loss += B.nll_sum(t, wp).detach().to(curv.dtype)
-        acts = rec.inputs()
-        curv.add_inputs(acts, mask, w)
         cols = loss_columns(t, settings.backend, settings.n_mc_samples, generator)
         if settings.likelihood == Likelihood.CAUSAL_LM and settings.backend != Backend.GGN_MC:
             # each token is its own data point: its loss-Hessian columns are backpropagated
             # alone, so no cross terms between tokens enter (Monte-Carlo columns sampled
             # independently per token have none in expectation and go all at once)
             cols = per_position(cols, t.mask)
-        cols = list(cols)
         root = None if wp is None else wp.sqrt().unsqueeze(-1)
-        for j, s in enumerate(cols):
+        for s, last in _with_last(cols):  # one column at a time (the last frees the graph)
             s = s if root is None else s * root.to(s.dtype)
-            torch.autograd.grad(
-                t.logits,
-                params,
-                grad_outputs=s.to(t.logits.dtype),
-                retain_graph=j < len(cols) - 1,
-                allow_unused=True,
-            )
-            curv.add(acts, rec.output_grads(acts), mask)
+            with rec.backward(curv.add_output_grad if kron else None):
+                torch.autograd.grad(
+                    t.logits,
+                    params,
+                    grad_outputs=s.to(t.logits.dtype),
+                    retain_graph=not last,
+                    allow_unused=True,
+                )
+            if not kron:
+                curv.add(acts, rec.output_grads(acts), mask)
     n = t.n_data if wp is None else float((wp * t.mask).sum())
     return n, int(logits.shape[-1])
 
 
+def _with_last(items):
+    """``(item, is_last)`` pairs, one item ahead of the consumer."""
+    it = iter(items)
+    try:
+        item = next(it)
+    except StopIteration:
+        return
+    for following in it:
+        yield item, False
+        item = following
+    yield item, True
+
+
 def _point_weights(w, t: B.Targets, dtype: torch.dtype) -> Tensor:
     """Per-example weights broadcast to the data points of ``t`` (positions, for a causal LM)."""
-    w = torch.as_tensor(w, device=t.logits.device).to(dtype).reshape(-1)
-    if w.numel() != t.mask.shape[0]:
+    w = _checked_weights(w, t.mask.shape[0], t.logits.device, dtype)
+    return w.reshape(-1, *([1] * (t.mask.ndim - 1))).expand(t.mask.shape)
+
+
+def _checked_weights(w, n: int, device, dtype: torch.dtype) -> Tensor:
+    w = torch.as_tensor(w, device=device).to(dtype).reshape(-1)
+    if w.numel() != n:
         raise ValueError(
-            f"example_weights returned {w.numel()} weights for a batch of {t.mask.shape[0]} "
+            f"example_weights returned {w.numel()} weights for a batch of {n} "
             "examples; return one weight per example."
         )
     if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
         raise ValueError("example_weights must be finite and non-negative.")
-    return w.reshape(-1, *([1] * (t.mask.ndim - 1))).expand(t.mask.shape)
+    return w
 
 
 def _max_over_processes(n: int | None, device: torch.device) -> int | None:
@@ -521,15 +841,13 @@ def output_jacobians(
     dtype: torch.dtype,
     max_outputs: int,
 ) -> tuple[Tensor, list[Tensor]]:
-    """The outputs ``(n, k)`` of ``model`` on ``inputs`` (in eval mode) and, per trainable
-    tensor, the Jacobian of the outputs in it, ``(n·k, numel)`` with rows ordered example-major:
-    one backward pass per output, per-example gradients from the recorded layer inputs and
-    output gradients."""
-    was_training = model.training
-    model.eval()
+    """The outputs ``(n, k)`` of ``model`` on ``inputs`` (in eval mode, with the model's
+    gradient checkpointing: :func:`pass_modes`) and, per trainable tensor, the Jacobian of the
+    outputs in it, ``(n·k, numel)`` with rows ordered example-major: one backward pass per
+    output, per-example gradients from the recorded layer inputs and output gradients."""
     rec = Recorder(sites, dtype)
-    try:
-        with rec.recording(model), torch.enable_grad():
+    with pass_modes(model), rec.recording(model), torch.enable_grad():
+        with rec.forward():
             logits = B.call_model(model, inputs, dict_key_x)
             if logits.ndim != 2:
                 raise ValueError(
@@ -542,17 +860,16 @@ def output_jacobians(
                     f"pred_type='glm' takes one backward pass per output and the model has {k}; "
                     f"the limit is {max_outputs}. Use pred_type='nn' (parameter samples)."
                 )
-            acts = rec.inputs()
-            rows: list[list[Tensor]] = []
-            for c in range(k):
-                e = torch.zeros_like(logits)
-                e[:, c] = 1.0
+        acts = rec.inputs()
+        rows: list[list[Tensor]] = []
+        for c in range(k):
+            e = torch.zeros_like(logits)
+            e[:, c] = 1.0
+            with rec.backward():
                 torch.autograd.grad(
                     logits, params, grad_outputs=e, retain_graph=c < k - 1, allow_unused=True
                 )
-                rows.append(per_example_grads(sites, len(params), acts, rec.output_grads(acts)))
-    finally:
-        model.train(was_training)
+            rows.append(per_example_grads(sites, len(params), acts, rec.output_grads(acts)))
     # rows ordered (n, k): example-major, so per-example blocks lie on the diagonal
     chunks = [
         torch.stack([r[i] for r in rows], dim=1).reshape(n * k, -1) for i in range(len(params))

@@ -113,8 +113,14 @@ class SketchedFactor:
             return _not_finite(self.d, self.rank, self.Y)
         Y, omega = self.Y.double() * scale, self.omega.double()
         nu = torch.finfo(torch.float64).eps * max(float(torch.linalg.norm(Y)), 1e-300)
-        Y_nu = Y + nu * omega
-        C = torch.linalg.cholesky(0.5 * (omega.T @ Y_nu + Y_nu.T @ omega))
+        for _ in range(40):  # a factor of rank below rank + OVERSAMPLE needs a larger shift
+            Y_nu = Y + nu * omega
+            C, info = torch.linalg.cholesky_ex(0.5 * (omega.T @ Y_nu + Y_nu.T @ omega))
+            if int(info) == 0:
+                break
+            nu *= 10.0
+        else:
+            raise torch.linalg.LinAlgError("sketched factor: no shift makes Ωᵀ(Y + νΩ) definite")
         Bm = torch.linalg.solve_triangular(C, Y_nu.T, upper=False).T
         U, S, _ = torch.linalg.svd(Bm, full_matrices=False)
         lam = (S**2 - nu).clamp_min(0.0)[: self.rank]

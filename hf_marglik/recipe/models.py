@@ -3,6 +3,8 @@
 :func:`load_source` resolves the model path and reads only its config and tokenizer (fast), so
 that the sequence-length check runs before any weights are loaded. :func:`build_model` loads the
 weights (or a tiny random model of the same architecture) and wraps them in a peft LoRA model.
+A GGUF model (the bundled SmolLM2) is dequantised once into a float32 weights cache, which
+later starts read instead (:mod:`~hf_marglik.recipe.weights_cache`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import weights_cache
 from .answer_token import AnswerTokenClassifier
 from .arguments import BUNDLED_MINILM, BUNDLED_SMOLLM2, LoraArguments, ModelArguments
 from .errors import RecipeError, nearest
@@ -38,6 +41,9 @@ class ModelSource:
     config: object  # transformers.PretrainedConfig
     tokenizer: object
     max_length: int
+    cache: str | None = None
+    """The weights cache the config and tokenizer were read from (a GGUF model's, once built:
+    :mod:`~hf_marglik.recipe.weights_cache`)."""
 
 
 def _offline() -> bool:
@@ -85,10 +91,11 @@ def load_source(args: ModelArguments) -> ModelSource:
     from transformers import AutoConfig, AutoTokenizer
 
     path, gguf = resolve_model_path(args)
-    kwargs = {"gguf_file": gguf} if gguf else {}
+    cache = weights_cache.cached_gguf(path, gguf, build_missing=False) if gguf else None
+    kwargs = {"gguf_file": gguf} if gguf and cache is None else {}
     try:
-        config = AutoConfig.from_pretrained(path, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        config = AutoConfig.from_pretrained(str(cache or path), **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(str(cache or path), **kwargs)
     except (OSError, ValueError) as e:
         raise RecipeError(f"Could not load model {path!r}: {e}") from None
     if tokenizer.pad_token_id is None:
@@ -96,7 +103,8 @@ def load_source(args: ModelArguments) -> ModelSource:
     tokenizer.padding_side = "right"
     limits = [getattr(config, "max_position_embeddings", None), tokenizer.model_max_length]
     limits = [int(x) for x in limits if x is not None and x < 1_000_000]
-    return ModelSource(path, gguf, config, tokenizer, min(limits) if limits else 1_000_000)
+    max_length = min(limits) if limits else 1_000_000
+    return ModelSource(path, gguf, config, tokenizer, max_length, str(cache) if cache else None)
 
 
 def check_max_length(source: ModelSource, max_seq_length: int) -> None:
@@ -133,8 +141,12 @@ def _load_base(args: ModelArguments, source: ModelSource, num_labels: int | None
             setattr(config, key, value)
         model = auto.from_config(config, dtype=dtype)
     else:
-        kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
-        model = auto.from_pretrained(source.path, dtype=dtype, **kwargs, **extra)
+        # a GGUF file is dequantised once, to the weights cache; later loads read the cache
+        cache = None
+        if source.gguf_file:
+            cache = weights_cache.cached_gguf(source.path, source.gguf_file)
+        kwargs = {"gguf_file": source.gguf_file} if source.gguf_file and cache is None else {}
+        model = auto.from_pretrained(str(cache or source.path), dtype=dtype, **kwargs, **extra)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = source.tokenizer.pad_token_id
     return model
