@@ -253,10 +253,14 @@ def max_rel_err(a: Tensor, b: Tensor) -> float:
 
 
 def assert_close(actual, expected, rtol=1e-10, atol_rel=1e-12, what=""):
-    """Entry-wise ``|a − e| ≤ rtol·|e| + atol_rel·max|e|``; prints the worst entries."""
+    """Entry-wise ``|a − e| ≤ rtol·|e| + atol_rel·max|e|`` with both finite; prints the worst
+    entries."""
     actual = torch.as_tensor(actual, dtype=torch.float64).detach()
     expected = torch.as_tensor(expected, dtype=torch.float64).detach()
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    # NaN compares False with everything: without this, NaN entries would pass
+    assert torch.isfinite(expected).all(), f"{what}: the reference is not finite"
+    assert torch.isfinite(actual).all(), f"{what}: got non-finite entries"
     scale = float(expected.abs().max()) if expected.numel() else 0.0
     tol = rtol * expected.abs() + atol_rel * max(scale, 1e-300)
     bad = (actual - expected).abs() > tol
