@@ -43,6 +43,11 @@ backward; a backward costs about two forwards): the rule that turns a compute bu
 sampling interval ``every`` (:func:`interval_for_budget`)."""
 
 
+DEFAULT_BUDGET = 0.25
+"""The default ``marglik_budget``: an extra backward on every 3rd step (2/9 of the training
+compute)."""
+
+
 def interval_for_budget(budget: float) -> int:
     """The sampling interval whose extra backward passes cost at most ``budget`` (a fraction of
     the training compute): ``ceil(EXTRA_BACKWARD_COST / budget)``."""

@@ -48,7 +48,7 @@ from .evaluation import calibration_report
 from .hyper import HyperOptimizer, batch_targets, count_data_points, likelihood_scale
 from .laplace import MAX_DENSE_BLOCK, Laplace
 from .loop import MargLikLoop
-from .online import OnlineCurvature, interval_for_budget
+from .online import DEFAULT_BUDGET, OnlineCurvature, interval_for_budget
 from .options import (
     CurvatureSource,
     HessianStructure,
@@ -298,7 +298,9 @@ class MargLikTrainerMixin:
         self._online = None
         if a.marglik_curvature == CurvatureSource.ONLINE:
             probe = self._new_laplace(hyper.prior_precision, hyper.sigma_noise)
-            every = 1 if a.marglik_budget is None else interval_for_budget(a.marglik_budget)
+            every = interval_for_budget(
+                DEFAULT_BUDGET if a.marglik_budget is None else a.marglik_budget
+            )
             self._online = OnlineCurvature(
                 probe.params,
                 probe.sites,

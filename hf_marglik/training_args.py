@@ -42,8 +42,9 @@ class MargLikArguments:
 
     Laplace approximation (the curvature behind the marginal likelihood):
         hessian_structure: ``"kron"`` (K-FAC, default), ``"diag"`` or ``"full"`` (tiny models).
-        backend: ``"ggn"`` (exact GGN, one backward per class), ``"ggn-mc"`` (Monte-Carlo GGN,
-            the choice for a large vocabulary) or ``"ef"`` (empirical Fisher).
+        backend: ``"ggn-mc"`` (Monte-Carlo GGN, default: one backward per sample, the choice for
+            a large vocabulary), ``"ggn"`` (exact GGN, one backward per class; laplace-torch's
+            default) or ``"ef"`` (empirical Fisher).
         kfac_approx: ``"expand"`` / ``"reduce"`` for layers applied at every token; None picks
             expand (measured closer to the exact GGN; BENCHMARKS.md, "K-FAC fidelity").
         n_mc_samples: samples per data point for ``"ggn-mc"``.
@@ -58,13 +59,14 @@ class MargLikArguments:
             by ``1/π_n``, an unbiased estimate with far less spread than a uniform subset's
             (:mod:`hf_marglik.subset`); ``"uniform"`` (default otherwise): one random subset,
             drawn once with ``seed``, for every fit.
-        marglik_curvature: ``"fit"`` (default): a pass over the training data (or the
-            ``marglik_subset``) at every update; ``"online"``: gathered from the training steps
-            since the last update (layer inputs from the training forward passes, one extra
-            backward of sampled labels on every ``k``-th step; :mod:`hf_marglik.online`).
+        marglik_curvature: ``"online"`` (default): gathered from the training steps since the
+            last update (layer inputs from the training forward passes, one extra backward of
+            sampled labels on every ``k``-th step; :mod:`hf_marglik.online`); ``"fit"`` (the
+            default when ``marglik_subset`` is set; laplace-torch's): a pass over the training
+            data (or the ``marglik_subset``) at every update, about one epoch each.
         marglik_budget: for ``"online"``: the extra compute allowed, a fraction of training in
             (0, 1]; the interval is ``k = ceil((2/3) / budget)`` (an extra backward costs about
-            2/3 of a training step). None: every step.
+            2/3 of a training step). None: 0.25, every 3rd step.
         factor_rank: memory-bounded K-FAC for wide layers (large models): factors wider than
             ``2·factor_rank + 10`` are kept as a streaming sketch, their ``factor_rank`` leading
             eigenpairs and a two-moment tail (see hf_marglik/factors.py). None (default): dense.
@@ -126,8 +128,11 @@ class MargLikArguments:
         },
     )
     backend: str = field(
-        default="ggn",
-        metadata={"help": "Curvature: 'ggn' (exact GGN), 'ggn-mc' (Monte-Carlo GGN) or 'ef'."},
+        default="ggn-mc",
+        metadata={
+            "help": "Curvature: 'ggn-mc' (Monte-Carlo GGN, default), 'ggn' (exact GGN, one "
+            "backward per class) or 'ef'."
+        },
     )
     prior_structure: str = field(
         default="layerwise",
@@ -202,11 +207,12 @@ class MargLikArguments:
             "classification, 'uniform' otherwise."
         },
     )
-    marglik_curvature: str = field(
-        default="fit",
+    marglik_curvature: str | None = field(
+        default=None,
         metadata={
-            "help": "Curvature of an update: 'fit' (a pass over the training data at the "
-            "update) or 'online' (gathered from the training steps since the last update).",
+            "help": "Curvature of an update: 'online' (gathered from the training steps since "
+            "the last update) or 'fit' (a pass over the training data at the update). Default: "
+            "'online', or 'fit' when marglik_subset is set.",
             "choices": ["fit", "online"],
         },
     )
@@ -214,8 +220,8 @@ class MargLikArguments:
         default=None,
         metadata={
             "help": "marglik_curvature='online': extra compute allowed, a fraction of training "
-            "in (0, 1]; every ceil((2/3)/budget)-th step gets one extra backward. None: every "
-            "step."
+            "in (0, 1]; every ceil((2/3)/budget)-th step gets one extra backward. Default: 0.25 "
+            "(every 3rd step)."
         },
     )
     factor_rank: int | None = field(
@@ -310,6 +316,8 @@ class MargLikArguments:
                 "steps >= 1, or None to estimate by epochs (marglik_frequency)."
             )
         self._check_subset()
+        if self.marglik_curvature is None:
+            self.marglik_curvature = "fit" if self.marglik_subset is not None else "online"
         self.marglik_curvature = coerce(
             CurvatureSource, self.marglik_curvature, "marglik_curvature"
         )
@@ -397,12 +405,6 @@ class MargLikArguments:
             raise ValueError(
                 "marglik_subset chooses the data of a curvature pass, and "
                 "marglik_curvature='online' makes no pass; use one of them."
-            )
-        if online and self.backend == Backend.GGN and self.likelihood == Likelihood.CAUSAL_LM:
-            raise ValueError(
-                "marglik_curvature='online' with backend='ggn' and likelihood='causal_lm' takes "
-                "one extra backward per vocabulary entry and token on every sampled step; use "
-                "backend='ggn-mc'."
             )
 
     def _check_subset(self) -> None:

@@ -37,7 +37,10 @@ def main(out_dir: str, per_device_batch: int, resume: str | None = None) -> None
         **(
             {"marglik_curvature": "online", "backend": "ef"}
             if os.environ.get("HF_MARGLIK_TEST_ONLINE")
-            else {}
+            else {
+                "marglik_curvature": None if os.environ.get("HF_MARGLIK_TEST_SUBSET") else "fit",
+                "backend": "ggn",
+            }
         ),
     )
     trainer = MargLikTrainer(model=model, args=args, train_dataset=TinyData())

@@ -54,6 +54,8 @@ def make_trainer(out_dir: str, callbacks=(), save: bool = True) -> MargLikTraine
         dict_key_x="x",
         disable_tqdm=True,
         seed=0,
+        backend="ggn",  # a curvature pass at every update: the kills hit it
+        marglik_curvature="fit",
     )
     return MargLikTrainer(
         model=TinyNet().double(), args=args, train_dataset=TinyData(), callbacks=list(callbacks)

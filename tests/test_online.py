@@ -64,7 +64,7 @@ def test_online_equals_a_fit_over_the_sampled_examples(tmp_path, every, accumula
     """lr 0, empirical Fisher: the first update's online curvature and loss equal a fit over
     the examples of the sampled steps rescaled to N (every step, every 2nd step, and with
     gradient accumulation)."""
-    budget = None if every == 1 else EXTRA_BACKWARD_COST / every
+    budget = EXTRA_BACKWARD_COST / every
     trainer = _trainer(
         tmp_path,
         num_train_epochs=1,
@@ -81,7 +81,9 @@ def test_online_equals_a_fit_over_the_sampled_examples(tmp_path, every, accumula
     torch.random.set_rng_state(sampler_state)
     idx = _sampled_examples(trainer, every)
     data = trainer.train_dataset
-    ref = Laplace(trainer.model, "classification", backend="ef", prior_precision=lap.prior_precision)
+    ref = Laplace(
+        trainer.model, "classification", backend="ef", prior_precision=lap.prior_precision
+    )
     loader = trainer.get_test_dataloader(DictDataset([data[i] for i in idx]))
     ref.fit(loader, n_data=len(data))
     assert lap.n_data == ref.n_data == 24
@@ -119,17 +121,25 @@ def test_interval_for_budget():
 @pytest.mark.parametrize(
     "kw,match",
     [
-        (dict(marglik_budget=0.5), "set marglik_curvature='online'"),
+        (dict(marglik_curvature="fit", marglik_budget=0.5), "set marglik_curvature='online'"),
         (dict(marglik_curvature="online", marglik_budget=0.0), "in \\(0, 1\\]"),
         (dict(marglik_curvature="online", marglik_budget=2.0), "in \\(0, 1\\]"),
         (dict(marglik_curvature="online", marglik_subset=0.5), "makes no pass"),
         (dict(marglik_curvature="batch"), "marglik_curvature='batch' is not valid"),
-        (
-            dict(marglik_curvature="online", likelihood="causal_lm", backend="ggn"),
-            "backend='ggn-mc'",
-        ),
     ],
 )
 def test_bad_online_settings(tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):
         MargLikTrainingArguments(output_dir=str(tmp_path), report_to="none", **kw)
+
+
+def test_defaults_are_the_online_monte_carlo_curvature(tmp_path):
+    """MargLikTrainingArguments' defaults: the online Monte-Carlo GGN at a budget of 0.25
+    (every 3rd step); asking for a curvature subset makes the default a pass ('fit')."""
+    args = MargLikTrainingArguments(output_dir=str(tmp_path), report_to="none")
+    assert args.marglik_curvature == "online" and args.backend == "ggn-mc"
+    trainer = MargLikTrainer(model=_MLP().double(), args=args, train_dataset=_data())
+    trainer.train()
+    assert trainer._online.every == 3 and trainer._online.settings.backend == "ggn-mc"
+    subset = MargLikTrainingArguments(output_dir=str(tmp_path), marglik_subset=0.5)
+    assert subset.marglik_curvature == "fit"

@@ -8,6 +8,7 @@ import json
 import math
 import os
 
+import peft  # noqa: E402, F401
 import pytest
 import torch
 from models import DictDataset, tiny_trainer_args
@@ -16,9 +17,6 @@ from transformers import TrainerCallback, TrainingArguments
 
 from hf_marglik.trainer import HYPERPARAMETERS_NAME, STATE_NAME, MargLikTrainer
 from hf_marglik.training_args import MargLikTrainingArguments
-
-import peft  # noqa: E402, F401
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -207,8 +205,9 @@ def test_lora_bert_sequence_classification(tmp_path):
     expected_lap = calibration_metrics(lap_probs, batch["labels"])
     expected_map = calibration_metrics(map_probs, batch["labels"])
     for name in ("accuracy", "nll", "ece", "brier"):
-        assert metrics[f"eval_laplace_{name}"] == pytest.approx(expected_lap[name], rel=1e-9)
-        assert metrics[f"eval_map_{name}"] == pytest.approx(expected_map[name], rel=1e-9)
+        # float32 model: batched and whole-batch predictions differ by rounding (~1e-8)
+        assert metrics[f"eval_laplace_{name}"] == pytest.approx(expected_lap[name], rel=1e-6)
+        assert metrics[f"eval_map_{name}"] == pytest.approx(expected_map[name], rel=1e-6)
     assert abs(metrics["eval_laplace_nll"] - metrics["eval_map_nll"]) > 1e-4
 
 
@@ -413,7 +412,9 @@ def test_resume_equals_uninterrupted(tmp_path):
         assert resumed.margliks == full.margliks
         assert resumed.losses == full.losses
         assert resumed.marglik_update_steps == full.marglik_update_steps == [2, 4, 6, 8]
-        assert torch.equal(resumed.marglik_loop.hyper.log_prior_prec, full.marglik_loop.hyper.log_prior_prec)
+        assert torch.equal(
+            resumed.marglik_loop.hyper.log_prior_prec, full.marglik_loop.hyper.log_prior_prec
+        )
         assert torch.equal(resumed.laplace.prior_precision, full.laplace.prior_precision)
         for p, q in zip(resumed.model.parameters(), full.model.parameters()):
             assert torch.equal(p, q)
@@ -451,7 +452,9 @@ def test_restore_best_or_keep_last(tmp_path):
     assert min(last.margliks[6:]) > last.margliks[5] + 1.0  # the later updates are far worse
     for p, b in zip(best.marglik_loop.params, last.marglik_loop.best.params):
         assert torch.equal(p, b)
-    assert torch.equal(best.laplace.mean, torch.cat([b.reshape(-1) for b in last.marglik_loop.best.params]))
+    assert torch.equal(
+        best.laplace.mean, torch.cat([b.reshape(-1) for b in last.marglik_loop.best.params])
+    )
     assert torch.equal(last.laplace.prior_precision, last.marglik_loop.hyper.prior_precision)
     assert not any(
         torch.equal(p, b) for p, b in zip(last.marglik_loop.params, last.marglik_loop.best.params)
@@ -482,7 +485,9 @@ def test_final_laplace_equals_a_fresh_fit(tmp_path, kw):
         lap.log_marginal_likelihood(), fresh.log_marginal_likelihood(), rtol=1e-12
     )
     assert float(lap.loss) == pytest.approx(float(fresh.loss), rel=1e-12)
-    expected = trainer.marglik_loop.best.prior_precision if trainer.args.restore_best_marglik else None
+    expected = (
+        trainer.marglik_loop.best.prior_precision if trainer.args.restore_best_marglik else None
+    )
     if expected is not None:
         assert torch.equal(lap.prior_precision, expected)
 
