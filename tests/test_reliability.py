@@ -354,12 +354,16 @@ def test_hyper_step_to_infinite_precision_is_skipped(tmp_path):
     )
     with pytest.warns(RuntimeWarning, match="would make a precision or the noise 0 or infinite"):
         trainer.train()
-    assert torch.equal(trainer.marglik_loop.hyper.prior_precision, torch.full((4,), 2.0, dtype=torch.float64))
+    assert torch.equal(
+        trainer.marglik_loop.hyper.prior_precision, torch.full((4,), 2.0, dtype=torch.float64)
+    )
     assert trainer.marglik_update_steps == [2] and len(trainer.margliks) == 1
     (log,) = [e for e in trainer.state.log_history if "marglik" in e]
     assert log["prior_prec_min"] == log["prior_prec_max"] == 2.0
     assert log["marglik_n_clipped"] == trainer.laplace.n_clipped
-    assert torch.equal(trainer.marglik_loop.best.prior_precision, trainer.marglik_loop.hyper.prior_precision)
+    assert torch.equal(
+        trainer.marglik_loop.best.prior_precision, trainer.marglik_loop.hyper.prior_precision
+    )
 
 
 def test_rejected_later_hyper_step_keeps_evaluated_values_current():
