@@ -264,7 +264,11 @@ def test_every_planned_run_of_the_full_study_parses(tmp_path):
         if step.run is None:
             continue
         cfg = parse_args([*step.train_args(), "--output_dir", str(tmp_path / "o")])
-        assert cfg.data.save_predictions and cfg.marglik == (step.run.key == "marglik")
+        assert cfg.data.save_predictions and cfg.marglik == step.run.key.startswith("marglik")
+        if step.run.key == "marglik_exact":  # the exact-GGN pass at every update
+            assert cfg.training.backend == "ggn" and cfg.training.marglik_curvature == "fit"
+        elif cfg.marglik:  # the default: online Monte-Carlo GGN
+            assert cfg.training.backend == "ggn-mc" and cfg.training.marglik_curvature == "online"
         if not cfg.marglik:
             assert cfg.training.weight_decay == float(step.run.key.removeprefix("plain-wd"))
         d = cfg.data

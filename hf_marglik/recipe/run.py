@@ -68,38 +68,20 @@ def _trainer(cfg: RunConfig, model, datasets, collator, tokenizer=None):
         raise RecipeError(str(e)) from None
 
 
-def laplace_test_metrics(cfg: RunConfig, trainer, dataset) -> dict | None:
+def laplace_test_metrics(cfg: RunConfig, trainer, dataset) -> tuple[dict | None, dict | None]:
     """Accuracy, NLL, ECE, Brier of the Laplace predictive (``pred_type`` / ``link_approx`` of
-    the training arguments) on the test split: marglik runs with a classification likelihood."""
+    the training arguments) on the test split, for marglik runs with a classification
+    likelihood: at the predictive's prior, and at the learned precisions when the predictive's
+    prior was tuned (else None)."""
     lm = TASK_LIKELIHOOD[cfg.model.task] == "causal_lm"
     if not cfg.marglik or trainer.laplace is None or lm:
-        return None
-    from ..evaluation import calibration_report
+        return None, None
+    from ..metrics import calibration_metrics
 
-    a = cfg.training
-    report = calibration_report(
-        trainer.laplace,
-        trainer.get_test_dataloader(dataset),
-        a.pred_type,
-        a.link_approx,
-        a.predictive_samples,
-        torch.Generator().manual_seed(a.seed),
-    )
-    return {k.removeprefix("laplace_"): v for k, v in report.items() if k.startswith("laplace_")}
-
-
-def learned_prior_metrics(cfg: RunConfig, trainer, dataset, test_laplace) -> dict | None:
-    """With ``predictive_prior='gridsearch'``: the Laplace predictive's test metrics at the
-    precisions the marginal likelihood learned (``test_laplace`` has the tuned ones)."""
-    lap = trainer.laplace if test_laplace is not None else None
-    if lap is None or lap.predictive_prior_precision is None:
-        return None
-    tuned = lap.predictive_prior_precision
-    lap.predictive_prior_precision = None
-    try:
-        return laplace_test_metrics(cfg, trainer, dataset)
-    finally:
-        lap.predictive_prior_precision = tuned
+    by_prior, labels = laplace_test_probs(cfg, trainer, trainer.get_test_dataloader(dataset))
+    keep = labels != -100
+    metrics = {k: calibration_metrics(v[keep], labels[keep]) for k, v in by_prior.items()}
+    return metrics["predictive"], metrics.get("learned")
 
 
 @torch.no_grad()
@@ -120,25 +102,42 @@ def map_logits(model, loader) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(logits), torch.cat(labels)
 
 
-def laplace_test_probs(cfg: RunConfig, trainer, loader) -> tuple[torch.Tensor, torch.Tensor]:
-    """The Laplace predictive's class probabilities ``(n, K)`` (float64, CPU) and the labels over
-    ``loader``: the calls of :func:`hf_marglik.evaluation.calibration_report`, keeping the
-    probabilities (the same generator, seeded with the training seed)."""
+def laplace_test_probs(cfg: RunConfig, trainer, loader) -> tuple[dict, torch.Tensor]:
+    """The Laplace predictive's class probabilities ``(n, K)`` (float64, CPU) over ``loader``, per
+    prior: ``"predictive"`` (the predictive's prior: the tuned one with
+    ``predictive_prior='gridsearch'``) and, when one was tuned, ``"learned"`` (the precisions
+    the marginal likelihood learned); and the labels. For ``pred_type='glm'`` each batch's
+    Jacobians are computed once and serve both priors (the same numbers as ``lap(batch, ...)``,
+    each prior with its own generator seeded with the training seed)."""
+    from ..predictive import categorical, glm_covariance
+
     a, lap = cfg.training, trainer.laplace
-    generator = torch.Generator().manual_seed(a.seed)
-    probs, labels = [], []
+    priors = {"predictive": lap.predictive_prior}
+    if lap.predictive_prior_precision is not None:
+        priors["learned"] = lap.prior
+    generators = {k: torch.Generator().manual_seed(a.seed) for k in priors}
+    probs: dict[str, list] = {k: [] for k in priors}
+    labels = []
+    glm = getattr(a.pred_type, "value", a.pred_type) == "glm"
     for batch in loader:
         inputs = {k: v.to(lap.device) for k, v in batch.items() if k != "labels"}
-        p = lap(
-            inputs,
-            pred_type=a.pred_type,
-            link_approx=a.link_approx,
-            n_samples=a.predictive_samples,
-            generator=generator,
-        )
-        probs.append(p.detach().double().cpu())
+        if glm:
+            logits, jac = lap.output_jacobians(inputs)
+        for name, prior in priors.items():
+            if glm:
+                cov = glm_covariance(lap, jac, *logits.shape, prior=prior)
+                p = categorical(logits, cov, a.link_approx, a.predictive_samples, generators[name])
+            else:
+                tuned = lap.predictive_prior_precision
+                lap.predictive_prior_precision = prior.values if name != "learned" else None
+                try:
+                    p = lap(inputs, pred_type=a.pred_type, n_samples=a.predictive_samples,
+                            generator=generators[name])  # fmt: skip
+                finally:
+                    lap.predictive_prior_precision = tuned
+            probs[name].append(p.detach().double().cpu())
         labels.append(batch["labels"].cpu())
-    return torch.cat(probs), torch.cat(labels)
+    return {k: torch.cat(v) for k, v in probs.items()}, torch.cat(labels)
 
 
 def predictions(cfg: RunConfig, trainer, model, encoded, test_loader) -> dict:
@@ -154,7 +153,12 @@ def predictions(cfg: RunConfig, trainer, model, encoded, test_loader) -> dict:
         m.update(logits, labels)
         return m.compute()
 
-    out = {"class_names": None, "laplace": None, "test_laplace": None}
+    out = {
+        "class_names": None,
+        "laplace": None,
+        "test_laplace": None,
+        "test_laplace_learned_prior": None,
+    }
     for split, loader in (
         ("validation", trainer.get_eval_dataloader(encoded["validation"])),
         ("test", test_loader),
@@ -163,13 +167,19 @@ def predictions(cfg: RunConfig, trainer, model, encoded, test_loader) -> dict:
         out[split] = {"logits": logits, "labels": labels, "metrics": meter(logits, labels)}
     if cfg.marglik and trainer.laplace is not None:
         test = trainer.get_test_dataloader(encoded["test"])
-        probs, labels = laplace_test_probs(cfg, trainer, test)
+        by_prior, labels = laplace_test_probs(cfg, trainer, test)
         keep = labels != -100
-        out["test_laplace"] = {
-            "probs": probs,
-            "labels": labels,
-            "metrics": calibration_metrics(probs[keep], labels[keep]),
-        }
+        for key, name in (
+            ("test_laplace", "predictive"),
+            ("test_laplace_learned_prior", "learned"),
+        ):
+            if name in by_prior:
+                probs = by_prior[name]
+                out[key] = {
+                    "probs": probs,
+                    "labels": labels,
+                    "metrics": calibration_metrics(probs[keep], labels[keep]),
+                }
         a = cfg.training
         out["laplace"] = {
             k: getattr(v, "value", v)
@@ -282,11 +292,12 @@ def run(cfg: RunConfig) -> dict:
         preds = predictions(cfg, trainer, model, encoded, loader)
         test = preds["test"]["metrics"]
         test_laplace = preds["test_laplace"]["metrics"] if preds["test_laplace"] else None
+        learned = preds["test_laplace_learned_prior"]
+        test_laplace_learned = learned["metrics"] if learned else None
         preds["class_names"] = data.class_names
     else:
         test = evaluate(model, loader, "causal_lm" if lm else m.task)
-        test_laplace = laplace_test_metrics(cfg, trainer, encoded["test"])
-    test_laplace_learned = learned_prior_metrics(cfg, trainer, encoded["test"], test_laplace)
+        test_laplace, test_laplace_learned = laplace_test_metrics(cfg, trainer, encoded["test"])
 
     results = {
         "mode": "marglik" if cfg.marglik else "plain",
