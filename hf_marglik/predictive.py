@@ -48,6 +48,15 @@ def glm_covariance(lap, jacobians: list[Tensor], n: int, k: int, prior=None) -> 
     return lap.posterior.output_covariance(jacobians, n, k, prior, lap.likelihood_factor())
 
 
+def glm_covariance_fn(lap, jacobians: list[Tensor], n: int, k: int):
+    """``prior -> glm_covariance(lap, jacobians, n, k, prior)`` (``None``: the predictive's
+    prior), with the prior-independent work done once (:meth:`Posterior.output_covariance_fn`):
+    for a grid of prior precisions or several priors over one set of Jacobians."""
+    fn = lap.posterior.output_covariance_fn(jacobians, n, k)
+    f = lap.likelihood_factor()
+    return lambda prior=None: fn(lap.predictive_prior if prior is None else prior, f)
+
+
 def glm_moments(lap, batch) -> tuple[Tensor, Tensor]:
     """Mean ``(n, k)`` and covariance ``(n, k, k)`` of the linearised network's outputs."""
     logits, jacobians = glm_jacobians(lap, batch)

@@ -138,19 +138,22 @@ class _ValidationCache:
     """The validation batches' logits, Jacobians and targets, computed once."""
 
     def __init__(self, lap, val_loader):
+        from .predictive import glm_covariance_fn
+
         self.lap = lap
         self.batches = []
         for batch in val_loader:
             inputs, y = _split(lap, batch)
             logits, jac = lap.output_jacobians(inputs)
-            self.batches.append((logits, jac, y))
+            # the Jacobians rotated once; a grid value only rescales (glm_covariance_fn)
+            self.batches.append((logits, glm_covariance_fn(lap, jac, *logits.shape), y))
 
     def loss(self, loss, link_approx, n_samples, generator) -> float:
-        from .predictive import categorical, glm_covariance
+        from .predictive import categorical
 
         lap, total = self.lap, 0.0
-        for logits, jac, y in self.batches:
-            cov = glm_covariance(lap, jac, *logits.shape)
+        for logits, covariance, y in self.batches:
+            cov = covariance()
             if lap.likelihood == Likelihood.REGRESSION:
                 pred = (logits, cov)
             else:

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from hf_marglik import Laplace, calibration_metrics
-from hf_marglik.predictive import glm_moments
+from hf_marglik.predictive import glm_covariance_fn, glm_moments
 
 CASES = [
     ("kron", "scalar"),
@@ -61,6 +61,27 @@ def test_glm_covariance_equals_dense_j_sigma_jt(structure, prior):
     J = _jacobian(model, xt)
     _, cov = glm_moments(lap, xt)
     torch.testing.assert_close(cov, torch.einsum("ncp,pq,ndq->ncd", J, S, J), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+@pytest.mark.parametrize("structure", ["kron", "full", "diag"])
+def test_covariance_fn_serves_every_prior_from_one_set_of_jacobians(structure, compressed):
+    """glm_covariance_fn (the rows rotated once, for a grid of priors) against the dense
+    J Σ Jᵀ of each prior in turn, scalar, layerwise and diagonal (K-FAC's fallback)."""
+    if compressed and structure != "kron":
+        pytest.skip("only K-FAC factors compress")
+    model, data, xt = _wide_setup()
+    lap = Laplace(model, "classification", hessian_structure=structure).fit(data)
+    if compressed:
+        lap.compress(rank=3)
+    logits, jac = lap.output_jacobians(xt)
+    covariance = glm_covariance_fn(lap, jac, *logits.shape)
+    J = _jacobian(model, xt)
+    for prior in ("scalar", "layerwise", "diag", "scalar"):
+        lap.prior_precision = _prior(prior, lap.n_layers, lap.n_params) * 3
+        want = torch.einsum("ncp,pq,ndq->ncd", J, _dense_sigma(lap), J)
+        torch.testing.assert_close(covariance(), want, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(covariance(lap.prior), want, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("structure,prior", CASES)

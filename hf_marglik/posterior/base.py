@@ -73,6 +73,13 @@ class Posterior(ABC):
             total = total + R @ R.transpose(1, 2)
         return total
 
+    def output_covariance_fn(self, chunks: list[Tensor], n: int, k: int):
+        """``(prior, f) -> output_covariance(chunks, n, k, prior, f)`` for fixed rows, with the
+        work that does not depend on the prior done once (a grid of prior precisions, or two
+        priors, over one set of Jacobians). Structures with nothing to precompute call
+        :meth:`output_covariance` each time."""
+        return lambda prior, f: self.output_covariance(chunks, n, k, prior, f)
+
     def precision_dense(self, prior: Prior, f: Tensor) -> Tensor:
         """``f·H + P`` as a dense matrix (tests and small models)."""
         return f * self.curvature_dense() + torch.diag(prior.per_parameter())

@@ -158,6 +158,34 @@ class KronPosterior(Posterior):
             out.append(_half_kron(B, A, f, d, X).reshape(J.shape[0], -1))
         return out
 
+    def output_covariance_fn(self, chunks: list[Tensor], n: int, k: int):
+        """The rows rotated once into each block's eigenbasis, ``X̃ = Q_Bᵀ X Q_A``: then
+        ``J Σ Jᵀ = Σ_blocks X̃ diag(1 / (f·λ_B ⊗ λ_A + δ)) X̃ᵀ`` for every isotropic-per-tensor
+        prior at the cost of a scaling, where :meth:`whiten` rotates (and rotates back) per
+        prior. Compressed factors, and other priors, take :meth:`output_covariance`."""
+        if any(f.compressed for f in self.factors):
+            return super().output_covariance_fn(chunks, n, k)
+        rotated = []
+        for i, J in enumerate(chunks):
+            B, A = self.block_factors(i)
+            X = (
+                J @ B.vectors
+                if A is None
+                else B.vectors.T @ J.reshape(-1, B.side, A.side) @ A.vectors
+            )
+            rotated.append(X.reshape(n, k, -1))
+        eigs = [self.block_eigenvalues(i) for i in range(len(self.blocks))]
+
+        def covariance(prior: Prior, f: Tensor) -> Tensor:
+            if not prior.isotropic_per_tensor:
+                return self.output_covariance(chunks, n, k, prior, f)
+            total = 0
+            for X, lam, d in zip(rotated, eigs, prior.per_tensor()):
+                total = total + (X / (f * lam + d)) @ X.transpose(1, 2)
+            return total
+
+        return covariance
+
     def sample(self, n: int, prior: Prior, f: Tensor, generator=None) -> list[Tensor]:
         dtype, dev = self._eig_flat.dtype, self._eig_flat.device
 

@@ -109,7 +109,7 @@ def laplace_test_probs(cfg: RunConfig, trainer, loader) -> tuple[dict, torch.Ten
     the marginal likelihood learned); and the labels. For ``pred_type='glm'`` each batch's
     Jacobians are computed once and serve both priors (the same numbers as ``lap(batch, ...)``,
     each prior with its own generator seeded with the training seed)."""
-    from ..predictive import categorical, glm_covariance
+    from ..predictive import categorical, glm_covariance_fn
 
     a, lap = cfg.training, trainer.laplace
     priors = {"predictive": lap.predictive_prior}
@@ -123,9 +123,10 @@ def laplace_test_probs(cfg: RunConfig, trainer, loader) -> tuple[dict, torch.Ten
         inputs = {k: v.to(lap.device) for k, v in batch.items() if k != "labels"}
         if glm:
             logits, jac = lap.output_jacobians(inputs)
+            covariance = glm_covariance_fn(lap, jac, *logits.shape)
         for name, prior in priors.items():
             if glm:
-                cov = glm_covariance(lap, jac, *logits.shape, prior=prior)
+                cov = covariance(prior)
                 p = categorical(logits, cov, a.link_approx, a.predictive_samples, generators[name])
             else:
                 tuned = lap.predictive_prior_precision
