@@ -722,7 +722,7 @@ def fit_curvature(
     try:
         rec = Recorder(sites, dtype)
         with pass_modes(model), rec.recording(model):
-            for batch in tqdm(loader, desc="Curvature fit", disable=not progress_bar):
+            for batch in tqdm(loader, desc="Curvature fit", disable=not progress_bar, delay=2):
                 w = None if example_weights is None else example_weights(batch)
                 n, k = _fit_batch(rec, curv, batch, params, settings, generator, loss, w, device)
                 counted, n_outputs = counted + n, k

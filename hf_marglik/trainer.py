@@ -27,6 +27,7 @@ import contextlib
 import logging
 import math
 import os
+import time
 import warnings
 from collections.abc import Mapping
 
@@ -184,6 +185,7 @@ class MargLikTrainerMixin:
         self.marglik_loop: MargLikLoop | None = None
         self.n_data: int | None = None
         self._curvature_subset = None
+        self._fit_seconds = 0.0  # of the current update (logged as marglik_fit_seconds)
         self._online: OnlineCurvature | None = None
         self.add_callback(_MargLikCallback(self))
         # after the marglik callback: a SIGTERM checkpoint holds that step's update
@@ -546,7 +548,14 @@ class MargLikTrainerMixin:
         if self._curvature_subset is not None:
             dataset, weights = self._curvature_subset.draw_subset(self.state.global_step)
         loader = self._data_pass_loader(dataset)
-        lap.fit(loader, n_data=self.n_data if subset else None, example_weights=weights)
+        start = time.perf_counter()
+        lap.fit(
+            loader,
+            n_data=self.n_data if subset else None,
+            example_weights=weights,
+            progress_bar=self._show_progress(),
+        )
+        self._fit_seconds += time.perf_counter() - start
         self.model.train(was_training)
         if not subset and lap.n_data != self.n_data:
             warnings.warn(
@@ -558,7 +567,15 @@ class MargLikTrainerMixin:
 
     def _online_fit(self, prec, sigma) -> Laplace:
         """A new Laplace approximation from the online window's curvature."""
-        return self._new_laplace(prec, sigma).fit_from(self._online.result(self.n_data))
+        start = time.perf_counter()
+        lap = self._new_laplace(prec, sigma).fit_from(self._online.result(self.n_data))
+        self._fit_seconds += time.perf_counter() - start
+        return lap
+
+    def _show_progress(self) -> bool:
+        """A curvature pass shows a progress bar like the Trainer's (``disable_tqdm``), on the
+        main process only, and only once it has taken a few seconds (``tqdm``'s ``delay``)."""
+        return not self.args.disable_tqdm and self.is_local_process_zero()
 
     def _marglik_update(self) -> None:
         """One update of :class:`~hf_marglik.loop.MargLikLoop` at this step; a skipped one
@@ -577,13 +594,21 @@ class MargLikTrainerMixin:
                 )
             else:
                 fit = self._online_fit
+        self._fit_seconds = 0.0
+        start = time.perf_counter()
         lap = self.marglik_loop.update(self.state.global_step, fit)
+        total = time.perf_counter() - start
         if self._online is not None:
             self._online.reset()
         if lap is None:
             self._log_keeping_control({"marglik_skipped": 1.0})
             return
-        self._log_keeping_control(self._hyper_logs(-self.margliks[-1], lap.n_clipped))
+        logs = self._hyper_logs(-self.margliks[-1], lap.n_clipped)
+        # wall seconds of this update: the curvature (a pass, or the online window's
+        # factors) with its eigendecompositions, and the hyper-steps
+        logs["marglik_fit_seconds"] = self._fit_seconds
+        logs["marglik_hyper_seconds"] = total - self._fit_seconds
+        self._log_keeping_control(logs)
 
     def _log_keeping_control(self, logs: dict[str, float]) -> None:
         """``log`` from inside ``on_step_end``: the Trainer's ``log`` resets

@@ -211,6 +211,8 @@ def test_console_is_compact_and_no_warning_repeats_per_pass(tmp_path, capsys):
     assert "prior_prec/" not in console
     logs = [e for e in trainer.state.log_history if "marglik" in e]
     assert len(logs) == 3 and all("prior_prec/net.0.weight" in e for e in logs)
+    for e in logs:  # each update logs where its time went (values not checked: wall time)
+        assert e["marglik_fit_seconds"] >= 0 and e["marglik_hyper_seconds"] >= 0
     messages = [str(w.message) for w in record]
     repeated = {m for m in messages if messages.count(m) > 1}
     assert not repeated, repeated
