@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import warnings
@@ -16,7 +17,15 @@ from .batches import call_model, nll_sum, split_batch, targets_for, to_device
 from .hyper import HyperOptimizer, check_settings, count_data_points
 from .laplace import Laplace
 from .loop import MargLikLoop
-from .options import Backend, HessianStructure, Likelihood, PriorStructure, coerce
+from .online import OnlineCurvature, interval_for_budget
+from .options import (
+    Backend,
+    CurvatureSource,
+    HessianStructure,
+    Likelihood,
+    PriorStructure,
+    coerce,
+)
 from .prior import trainable_parameters
 
 logger = logging.getLogger(__name__)
@@ -68,6 +77,9 @@ def marglik_training(
     enable_backprop: bool = False,
     dict_key_x: str = "input_ids",
     dict_key_y: str = "labels",
+    *,
+    marglik_curvature: CurvatureSource | str = "fit",
+    marglik_budget: float = 0.25,
 ) -> tuple[Laplace, nn.Module, list[float], list[float]]:
     """Marginal-likelihood training (Algorithm 1 of Immer et al., ICML 2021).
 
@@ -105,6 +117,15 @@ def marglik_training(
     :class:`~hf_marglik.MargLikTrainer` (both run :class:`~hf_marglik.loop.MargLikLoop`); the
     hyperparameters and the model stay finite.
 
+    Beyond laplace-torch (keyword-only): ``marglik_curvature="online"`` takes the curvature of
+    an update from the training steps of the epochs before it instead of a pass over
+    ``train_loader`` (:mod:`hf_marglik.online`: the layer inputs of the training forward
+    passes and one extra backward of sampled labels on every ``k``-th step,
+    ``k = ceil((2/3) / marglik_budget)``), as :class:`~hf_marglik.MargLikTrainer` does by
+    default. It saves the pass (about an epoch per update) at the price of factors that mix
+    the parameters of the window and see dropout; the default ``"fit"`` keeps laplace-torch's
+    algorithm and numbers.
+
     Returns:
         ``(lap, model, margliks, losses)``: the Laplace approximation at the best parameters
         (None, with a warning, if the final fit is not finite),
@@ -115,6 +136,8 @@ def marglik_training(
     hessian_structure = coerce(HessianStructure, hessian_structure, "hessian_structure")
     prior_structure = coerce(PriorStructure, prior_structure, "prior_structure")
     backend = backend_name(backend)
+    curvature = coerce(CurvatureSource, marglik_curvature, "marglik_curvature")
+    every = interval_for_budget(marglik_budget)  # a budget outside (0, 1] is a ValueError
     check_settings(
         lr_hyp=lr_hyp,
         n_hypersteps=n_hypersteps,
@@ -156,8 +179,8 @@ def marglik_training(
     if scheduler_cls is not None:
         scheduler = scheduler_cls(optimizer, **(scheduler_kwargs or {}))
 
-    def fit(prec, sigma) -> Laplace:
-        lap = Laplace(
+    def new_laplace(prec, sigma) -> Laplace:
+        return Laplace(
             model,
             likelihood,
             hessian_structure=hessian_structure,
@@ -167,23 +190,49 @@ def marglik_training(
             backend=backend,
             dict_key_x=dict_key_x,
             dict_key_y=dict_key_y,
-        ).fit(train_loader)
+        )
+
+    def fit(prec, sigma) -> Laplace:
+        lap = new_laplace(prec, sigma).fit(train_loader)
         model.train()
         return lap
 
+    online = None
+    if curvature == CurvatureSource.ONLINE:
+        probe = new_laplace(hyper.prior_precision, hyper.sigma_noise)
+        online = OnlineCurvature(
+            probe.params,
+            probe.sites,
+            probe.curvature_settings,
+            probe.dtype,
+            probe.device,
+            every=every,
+            seed=int(torch.randint(2**31 - 1, ())),  # reproducible under torch.manual_seed
+        )
+
+    def online_fit(prec, sigma) -> Laplace:
+        return new_laplace(prec, sigma).fit_from(online.result(N))
+
     loop = MargLikLoop(params, hyper, n_hypersteps, restore_best=True)
     device = params[0].device
+    step = 0
     for epoch in tqdm.trange(1, n_epochs + 1, disable=not progress_bar, desc="[Training]"):
         model.train()
         epoch_loss = 0.0
+        updating = epoch % marglik_frequency == 0 and epoch >= n_epochs_burnin
         for batch in train_loader:
             inputs, y = split_batch(batch, dict_key_x, dict_key_y)
             inputs, y = to_device(inputs, device), to_device(y, device)
             mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
             optimizer.zero_grad()
-            t = targets_for(call_model(model, inputs, dict_key_x), y, likelihood, mask)
+            sampled = online if updating and online is not None and online.due(step) else None
+            with sampled.recording(model) if sampled else contextlib.nullcontext() as rec:
+                t = targets_for(call_model(model, inputs, dict_key_x), y, likelihood, mask)
+                if sampled is not None and t.n_data > 0:  # one extra backward on this graph
+                    sampled.add(rec, t, mask)
             if t.n_data == 0:
                 continue
+            step += 1
             total = hyper.likelihood_scale * nll_sum(t) + hyper.prior_term(params) * t.n_data / N
             loss = total / t.n_data
             loss.backward()
@@ -196,8 +245,22 @@ def marglik_training(
 
         if epoch % marglik_frequency != 0 or epoch < n_epochs_burnin:
             continue
-        best = loop.best
-        if loop.update(epoch, fit) is not None and loop.best is not best:
+        best, update_fit = loop.best, fit
+        if online is not None:
+            if online.empty:
+                warnings.warn(
+                    f"The online curvature sampled no step before the update of epoch {epoch} "
+                    f"(every {online.every} steps): this update makes a curvature pass. Raise "
+                    "marglik_budget.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            else:
+                update_fit = online_fit
+        updated = loop.update(epoch, update_fit)
+        if online is not None:
+            online.reset()
+        if updated is not None and loop.best is not best:
             logger.info("MARGLIK[epoch=%d]: MargLik=%.2f, new best.", epoch, loop.best_marglik)
 
     # the best update's fit was made at exactly its parameters: it is reused at the end instead

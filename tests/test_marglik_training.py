@@ -301,6 +301,64 @@ def test_bad_inputs():
         marglik_training(_mlp(3, 3), loader, n_epochs=1, n_epochs_burnin=3)
 
 
+@pytest.mark.parametrize("likelihood", ["classification", "regression"])
+def test_online_curvature_equals_the_pass_when_parameters_stay(likelihood):
+    """marglik_curvature='online' with a budget of one extra backward per step: at lr 0 with the
+    empirical Fisher (no sampling, no dropout) the epoch's online curvature is the pass's, so
+    every hyper-step, the learned hyperparameters and the returned posterior agree."""
+    X, y = _classification_data() if likelihood == "classification" else _regression_data()
+    loader = DataLoader(TensorDataset(X, y), batch_size=10)  # 4 steps per epoch
+    out = {}
+    for mode in ("fit", "online"):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*online curvature sampled no step")
+            lap, _, margliks, losses = marglik_training(
+                _mlp(X.shape[1], 3 if likelihood == "classification" else 1),
+                loader,
+                likelihood=likelihood,
+                backend="ef",
+                optimizer_kwargs={"lr": 0.0},
+                n_epochs=3,
+                marglik_curvature=mode,
+                marglik_budget=1.0,
+            )
+        out[mode] = (lap, margliks, losses)
+    (lap_f, ml_f, loss_f), (lap_o, ml_o, loss_o) = out["fit"], out["online"]
+    assert len(ml_o) == len(ml_f) == 30
+    torch.testing.assert_close(torch.tensor(ml_o), torch.tensor(ml_f), rtol=1e-10, atol=0)
+    torch.testing.assert_close(torch.tensor(loss_o), torch.tensor(loss_f), rtol=1e-12, atol=0)
+    torch.testing.assert_close(lap_o.prior_precision, lap_f.prior_precision, rtol=1e-10, atol=0)
+    torch.testing.assert_close(lap_o.curvature_dense(), lap_f.curvature_dense(), rtol=1e-10, atol=0)
+    torch.testing.assert_close(lap_o.sigma_noise, lap_f.sigma_noise, rtol=1e-10, atol=0)
+
+
+def test_online_curvature_samples_every_kth_step_and_checks_its_settings():
+    """Budget 1/3 samples every 2nd step: the update's curvature is that of batches 2 and 4,
+    rescaled to N (lr 0, empirical Fisher); bad settings are refused before training."""
+    X, y = _classification_data()
+    loader = DataLoader(TensorDataset(X, y), batch_size=10)
+    lap, _, _, _ = marglik_training(
+        _mlp(3, 3),
+        loader,
+        backend="ef",
+        optimizer_kwargs={"lr": 0.0},
+        n_epochs=1,
+        marglik_curvature="online",
+        marglik_budget=1 / 3,
+    )
+    from hf_marglik import Laplace
+
+    sampled = [(X[10:20], y[10:20]), (X[30:40], y[30:40])]
+    ref = Laplace(_mlp(3, 3), "classification", backend="ef").fit(sampled, n_data=40)
+    torch.testing.assert_close(lap.curvature_dense(), ref.curvature_dense(), rtol=1e-10, atol=0)
+    torch.testing.assert_close(lap.loss, ref.loss, rtol=1e-12, atol=0)
+    for bad, match in ((0.0, "marglik_budget"), (1.5, "marglik_budget")):
+        with pytest.raises(ValueError, match=match):
+            marglik_training(_mlp(3, 3), loader, marglik_curvature="online", marglik_budget=bad)
+    with pytest.raises(ValueError, match="marglik_curvature"):
+        marglik_training(_mlp(3, 3), loader, marglik_curvature="sometimes")
+
+
 # ---------------------------------------------------------------------- HyperOptimizer
 def test_hyper_initial_values_and_shapes():
     sizes = [6, 3, 4]
