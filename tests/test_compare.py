@@ -187,7 +187,7 @@ BAD_NAMES = {
     "arm": (["--arms", "plain", "marglik_mpa"], ["'marglik_mpa'", "Did you mean 'marglik_map'",
                                                    "plain, grid, marglik_map"]),
     "regime": (["--regimes", "longer"], ["'longer'", "Valid regimes: default, long"]),
-    "task": (["--tasks", "llm2"], ["'llm2'", "Valid tasks: default, llm, tiny"]),
+    "task": (["--tasks", "llm2"], ["'llm2'", "Valid tasks: default, llm, llm_small, tiny"]),
     "seed": (["--seeds", "-1"], ["seeds must be non-negative"]),
     "flag": (["--seeds", "one"], ["--seeds: invalid int value: 'one'"]),
     "unknown_flag": (["--arm", "plain"], ["unrecognized arguments: --arm plain"]),

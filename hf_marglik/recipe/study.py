@@ -26,6 +26,9 @@ each regime means for them (the flags of every cell are printed by ``compare.py 
   15 CPU-min: the 3-seed default cell ≈ 7 CPU-hours (≈ 4–5 h on the idle machine, of which
   the 15 grid runs are 4 h); the long cell without the grid ≈ 4.5 CPU-hours, the grid adds
   ≈ 4. 128 tokens would double all of it.
+- ``llm_small``: the ``llm`` task at 96/40/60 articles (``long``: 32 articles, 15 epochs):
+  the size whose 3-seed cell of plain, ``--marglik`` and the post-hoc arms (no grid) fits in
+  about an hour of this machine's two cores, where ``llm``'s needs about 7 CPU-hours.
 - ``tiny``: the default config at 16/8/8 articles × 16 tokens, 1 epoch (``long``: 2), one
   marginal-likelihood update after the epoch. For tests and smoke checks only; its numbers
   mean nothing.
@@ -167,6 +170,17 @@ TASKS = {
             "--max_seq_length 64 --eval_strategy no".split()
         ),
         {"default": (), "long": ("--max_train_samples", "64", "--num_train_epochs", "15")},
+    ),
+    "llm_small": Task(
+        "llm_small",
+        "SmolLM2-135M-Instruct + LoRA, answer-token classification, BBC News 96/40/60 "
+        "articles x 64 tokens, 2 epochs",
+        "configs/smollm2_answer_token.yaml",
+        tuple(
+            "--max_train_samples 96 --max_eval_samples 40 --max_test_samples 60 "
+            "--max_seq_length 64 --eval_strategy no".split()
+        ),
+        {"default": (), "long": ("--max_train_samples", "32", "--num_train_epochs", "15")},
     ),
     "tiny": Task(
         "tiny",
