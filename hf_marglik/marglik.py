@@ -199,14 +199,9 @@ def marglik_training(
 
     online = None
     if curvature == CurvatureSource.ONLINE:
-        probe = new_laplace(hyper.prior_precision, hyper.sigma_noise)
-        online = OnlineCurvature(
-            probe.params,
-            probe.sites,
-            probe.curvature_settings,
-            probe.dtype,
-            probe.device,
-            every=every,
+        online = OnlineCurvature.for_laplace(
+            new_laplace(hyper.prior_precision, hyper.sigma_noise),
+            every,
             seed=int(torch.randint(2**31 - 1, ())),  # reproducible under torch.manual_seed
         )
 

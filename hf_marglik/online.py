@@ -85,6 +85,14 @@ class OnlineCurvature:
         self.generator = torch.Generator(device=device).manual_seed(int(seed))
         self.reset()
 
+    @classmethod
+    def for_laplace(cls, lap, every: int, seed: int) -> OnlineCurvature:
+        """The online curvature of ``lap``'s parameters, layers and settings (an unfitted
+        :class:`~hf_marglik.Laplace` built with the run's hyperparameters)."""
+        return cls(
+            lap.params, lap.sites, lap.curvature_settings, lap.dtype, lap.device, every, seed
+        )
+
     def reset(self) -> None:
         """Start a new window (after an update)."""
         s = self.settings

@@ -299,17 +299,12 @@ class MargLikTrainerMixin:
         self._fit_dataset = self._subset(self.train_dataset)
         self._online = None
         if a.marglik_curvature == CurvatureSource.ONLINE:
-            probe = self._new_laplace(hyper.prior_precision, hyper.sigma_noise)
             every = interval_for_budget(
                 DEFAULT_BUDGET if a.marglik_budget is None else a.marglik_budget
             )
-            self._online = OnlineCurvature(
-                probe.params,
-                probe.sites,
-                probe.curvature_settings,
-                probe.dtype,
-                probe.device,
-                every=every,
+            self._online = OnlineCurvature.for_laplace(
+                self._new_laplace(hyper.prior_precision, hyper.sigma_noise),
+                every,
                 seed=a.seed + self.args.process_index,  # independent labels per process
             )
         self._epoch_loss, self._epoch_items = 0.0, 0
