@@ -48,11 +48,14 @@ def glm_covariance(lap, jacobians: list[Tensor], n: int, k: int, prior=None) -> 
     return lap.posterior.output_covariance(jacobians, n, k, prior, lap.likelihood_factor())
 
 
-def glm_covariance_fn(lap, jacobians: list[Tensor], n: int, k: int):
+def glm_covariance_fn(lap, jacobians: list[Tensor], n: int, k: int, isotropic: bool | None = None):
     """``prior -> glm_covariance(lap, jacobians, n, k, prior)`` (``None``: the predictive's
     prior), with the prior-independent work done once (:meth:`Posterior.output_covariance_fn`):
-    for a grid of prior precisions or several priors over one set of Jacobians."""
-    fn = lap.posterior.output_covariance_fn(jacobians, n, k)
+    for a grid of prior precisions or several priors over one set of Jacobians. ``isotropic``:
+    whether every prior it will get is scalar or layerwise (default: the predictive prior's)."""
+    if isotropic is None:
+        isotropic = lap.predictive_prior.isotropic_per_tensor
+    fn = lap.posterior.output_covariance_fn(jacobians, n, k, isotropic)
     f = lap.likelihood_factor()
     return lambda prior=None: fn(lap.predictive_prior if prior is None else prior, f)
 

@@ -115,7 +115,9 @@ def _by_gridsearch(
 ) -> None:
     base = lap.prior_precision.clone() if relative else torch.ones(1, dtype=lap.dtype)
     loss = loss or _default_loss(lap)
-    cached = _ValidationCache(lap, val_loader) if pred_type == PredType.GLM else None
+    # a grid value scales the base: the priors of the grid are isotropic per tensor iff it is
+    isotropic = lap.prior.isotropic_per_tensor if relative else True
+    cached = _ValidationCache(lap, val_loader, isotropic) if pred_type == PredType.GLM else None
     generator = torch.Generator(device=lap.device)
     results: list[float] = []
     for value in tqdm(grid, desc="[Grid search]", disable=not progress_bar):
@@ -137,7 +139,7 @@ def _by_gridsearch(
 class _ValidationCache:
     """The validation batches' logits, Jacobians and targets, computed once."""
 
-    def __init__(self, lap, val_loader):
+    def __init__(self, lap, val_loader, isotropic: bool):
         from .predictive import glm_covariance_fn
 
         self.lap = lap
@@ -146,7 +148,8 @@ class _ValidationCache:
             inputs, y = _split(lap, batch)
             logits, jac = lap.output_jacobians(inputs)
             # the Jacobians rotated once; a grid value only rescales (glm_covariance_fn)
-            self.batches.append((logits, glm_covariance_fn(lap, jac, *logits.shape), y))
+            covariance = glm_covariance_fn(lap, jac, *logits.shape, isotropic=isotropic)
+            self.batches.append((logits, covariance, y))
 
     def loss(self, loss, link_approx, n_samples, generator) -> float:
         from .predictive import categorical

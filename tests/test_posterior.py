@@ -67,21 +67,31 @@ def test_glm_covariance_equals_dense_j_sigma_jt(structure, prior):
     "structure,compressed", [("kron", False), ("kron", True), ("full", False), ("diag", False)]
 )
 def test_covariance_fn_serves_every_prior_from_one_set_of_jacobians(structure, compressed):
-    """glm_covariance_fn (the rows rotated once, for a grid of priors) against the dense
-    J Σ Jᵀ of each prior in turn, scalar, layerwise and diagonal (K-FAC's fallback); only K-FAC
-    factors compress."""
+    """glm_covariance_fn (for K-FAC with isotropic priors: the rows rotated once, only the
+    rotated copy kept) against the dense J Σ Jᵀ of each prior in turn: scalar and layerwise
+    with isotropic=True, and those and a diagonal prior with isotropic=False; a diagonal prior
+    given to an isotropic one is refused. Only K-FAC factors compress."""
     model, data, xt = _wide_setup()
     lap = Laplace(model, "classification", hessian_structure=structure).fit(data)
     if compressed:
         lap.compress(rank=3)
     logits, jac = lap.output_jacobians(xt)
-    covariance = glm_covariance_fn(lap, jac, *logits.shape)
     J = _jacobian(model, xt)
-    for prior in ("scalar", "layerwise", "diag", "scalar"):
-        lap.prior_precision = _prior(prior, lap.n_layers, lap.n_params) * 3
-        want = torch.einsum("ncp,pq,ndq->ncd", J, _dense_sigma(lap), J)
-        torch.testing.assert_close(covariance(), want, rtol=1e-9, atol=1e-12)
-        torch.testing.assert_close(covariance(lap.prior), want, rtol=1e-9, atol=1e-12)
+    for isotropic, priors in (
+        (True, ("scalar", "layerwise", "scalar")),
+        (False, ("diag", "scalar")),
+    ):
+        covariance = glm_covariance_fn(lap, jac, *logits.shape, isotropic=isotropic)
+        for prior in priors:
+            lap.prior_precision = _prior(prior, lap.n_layers, lap.n_params) * 3
+            want = torch.einsum("ncp,pq,ndq->ncd", J, _dense_sigma(lap), J)
+            torch.testing.assert_close(covariance(), want, rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(covariance(lap.prior), want, rtol=1e-9, atol=1e-12)
+    if structure == "kron" and not compressed:
+        covariance = glm_covariance_fn(lap, jac, *logits.shape, isotropic=True)
+        lap.prior_precision = _prior("diag", lap.n_layers, lap.n_params)
+        with pytest.raises(ValueError, match="isotropic=False"):
+            covariance()
 
 
 @pytest.mark.parametrize("structure,prior", CASES)

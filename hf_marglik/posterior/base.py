@@ -73,11 +73,12 @@ class Posterior(ABC):
             total = total + R @ R.transpose(1, 2)
         return total
 
-    def output_covariance_fn(self, chunks: list[Tensor], n: int, k: int):
+    def output_covariance_fn(self, chunks: list[Tensor], n: int, k: int, isotropic: bool):
         """``(prior, f) -> output_covariance(chunks, n, k, prior, f)`` for fixed rows, with the
         work that does not depend on the prior done once (a grid of prior precisions, or two
-        priors, over one set of Jacobians). Structures with nothing to precompute call
-        :meth:`output_covariance` each time."""
+        priors, over one set of Jacobians). ``isotropic``: every prior it will be called with is
+        isotropic per tensor (scalar or layerwise), which lets K-FAC keep only rotated rows.
+        Structures with nothing to precompute call :meth:`output_covariance` each time."""
         return lambda prior, f: self.output_covariance(chunks, n, k, prior, f)
 
     def precision_dense(self, prior: Prior, f: Tensor) -> Tensor:

@@ -158,13 +158,15 @@ class KronPosterior(Posterior):
             out.append(_half_kron(B, A, f, d, X).reshape(J.shape[0], -1))
         return out
 
-    def output_covariance_fn(self, chunks: list[Tensor], n: int, k: int):
-        """The rows rotated once into each block's eigenbasis, ``X̃ = Q_Bᵀ X Q_A``: then
-        ``J Σ Jᵀ = Σ_blocks X̃ diag(1 / (f·λ_B ⊗ λ_A + δ)) X̃ᵀ`` for every isotropic-per-tensor
-        prior at the cost of a scaling, where :meth:`whiten` rotates (and rotates back) per
-        prior. Compressed factors, and other priors, take :meth:`output_covariance`."""
-        if any(f.compressed for f in self.factors):
-            return super().output_covariance_fn(chunks, n, k)
+    def output_covariance_fn(self, chunks: list[Tensor], n: int, k: int, isotropic: bool):
+        """With ``isotropic``: the rows rotated once into each block's eigenbasis,
+        ``X̃ = Q_Bᵀ X Q_A``; then ``J Σ Jᵀ = Σ_blocks X̃ diag(1 / (f·λ_B ⊗ λ_A + δ)) X̃ᵀ`` for every
+        isotropic-per-tensor prior at the cost of a scaling, where :meth:`whiten` rotates (and
+        rotates back) per prior. Only the rotated rows are kept (no second copy of the
+        Jacobians); a diagonal prior is then refused. Compressed factors, and ``isotropic=False``,
+        take :meth:`output_covariance` per call."""
+        if not isotropic or any(f.compressed for f in self.factors):
+            return super().output_covariance_fn(chunks, n, k, isotropic)
         rotated = []
         for i, J in enumerate(chunks):
             B, A = self.block_factors(i)
@@ -178,7 +180,10 @@ class KronPosterior(Posterior):
 
         def covariance(prior: Prior, f: Tensor) -> Tensor:
             if not prior.isotropic_per_tensor:
-                return self.output_covariance(chunks, n, k, prior, f)
+                raise ValueError(
+                    "This output covariance was built for priors isotropic per tensor "
+                    "(isotropic=True) and got a diagonal prior; build it with isotropic=False."
+                )
             total = 0
             for X, lam, d in zip(rotated, eigs, prior.per_tensor()):
                 total = total + (X / (f * lam + d)) @ X.transpose(1, 2)

@@ -123,7 +123,9 @@ def laplace_test_probs(cfg: RunConfig, trainer, loader) -> tuple[dict, torch.Ten
         inputs = {k: v.to(lap.device) for k, v in batch.items() if k != "labels"}
         if glm:
             logits, jac = lap.output_jacobians(inputs)
-            covariance = glm_covariance_fn(lap, jac, *logits.shape)
+            isotropic = all(p.isotropic_per_tensor for p in priors.values())
+            covariance = glm_covariance_fn(lap, jac, *logits.shape, isotropic=isotropic)
+            del jac  # K-FAC keeps only the rotated rows (one copy of the Jacobians)
         for name, prior in priors.items():
             if glm:
                 cov = covariance(prior)
