@@ -238,20 +238,12 @@ def marglik_training(
         loop.losses.append(epoch_loss / N)
         logger.info("MARGLIK[epoch=%d]: network training. Loss=%.3f.", epoch, loop.losses[-1])
 
-        if epoch % marglik_frequency != 0 or epoch < n_epochs_burnin:
+        if not updating:
             continue
-        best, update_fit = loop.best, fit
-        if online is not None:
-            if online.empty:
-                warnings.warn(
-                    f"The online curvature sampled no step before the update of epoch {epoch} "
-                    f"(every {online.every} steps): this update makes a curvature pass. Raise "
-                    "marglik_budget.",
-                    UserWarning,
-                    stacklevel=2,
-                )
-            else:
-                update_fit = online_fit
+        best = loop.best
+        update_fit = (
+            fit if online is None else online.update_fit(fit, online_fit, f"of epoch {epoch}")
+        )
         updated = loop.update(epoch, update_fit)
         if online is not None:
             online.reset()

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -92,6 +93,21 @@ class OnlineCurvature:
         return cls(
             lap.params, lap.sites, lap.curvature_settings, lap.dtype, lap.device, every, seed
         )
+
+    def update_fit(self, pass_fit, window_fit, when: str):
+        """The fit an update uses: ``window_fit`` (from this window's curvature), or, with a
+        warning, ``pass_fit`` (a curvature pass) when the window sampled no step (an interval
+        longer than the window). ``when`` names the update in the warning."""
+        if not self.empty:
+            return window_fit
+        warnings.warn(
+            f"The online curvature sampled no step before the update {when} (every "
+            f"{self.every} steps): this update makes a curvature pass. Raise marglik_budget "
+            "or update less often.",
+            UserWarning,
+            stacklevel=3,
+        )
+        return pass_fit
 
     def reset(self) -> None:
         """Start a new window (after an update)."""

@@ -185,7 +185,6 @@ class MargLikTrainerMixin:
         self.marglik_loop: MargLikLoop | None = None
         self.n_data: int | None = None
         self._curvature_subset = None
-        self._fit_seconds = 0.0  # of the current update (logged as marglik_fit_seconds)
         self._online: OnlineCurvature | None = None
         self.add_callback(_MargLikCallback(self))
         # after the marglik callback: a SIGTERM checkpoint holds that step's update
@@ -543,14 +542,12 @@ class MargLikTrainerMixin:
         if self._curvature_subset is not None:
             dataset, weights = self._curvature_subset.draw_subset(self.state.global_step)
         loader = self._data_pass_loader(dataset)
-        start = time.perf_counter()
         lap.fit(
             loader,
             n_data=self.n_data if subset else None,
             example_weights=weights,
             progress_bar=self._show_progress(),
         )
-        self._fit_seconds += time.perf_counter() - start
         self.model.train(was_training)
         if not subset and lap.n_data != self.n_data:
             warnings.warn(
@@ -562,10 +559,7 @@ class MargLikTrainerMixin:
 
     def _online_fit(self, prec, sigma) -> Laplace:
         """A new Laplace approximation from the online window's curvature."""
-        start = time.perf_counter()
-        lap = self._new_laplace(prec, sigma).fit_from(self._online.result(self.n_data))
-        self._fit_seconds += time.perf_counter() - start
-        return lap
+        return self._new_laplace(prec, sigma).fit_from(self._online.result(self.n_data))
 
     def _show_progress(self) -> bool:
         """A curvature pass shows a progress bar like the Trainer's (``disable_tqdm``), on the
@@ -577,21 +571,21 @@ class MargLikTrainerMixin:
         (non-finite fit, rejected first hyper-step) logs ``marglik_skipped``. With the online
         curvature the window's factors are used (a pass if the window holds no data: a
         sampling interval longer than the window) and a new window starts."""
+        step = self.state.global_step
         fit = self._fit
         if self._online is not None:
-            if self._online.empty:
-                warnings.warn(
-                    f"The online curvature window before step {self.state.global_step} sampled "
-                    f"no step (every {self._online.every} steps): this update makes a curvature "
-                    "pass. Raise marglik_budget or update less often.",
-                    UserWarning,
-                    stacklevel=2,
-                )
-            else:
-                fit = self._online_fit
-        self._fit_seconds = 0.0
+            fit = self._online.update_fit(fit, self._online_fit, f"at step {step}")
+        fit_seconds = 0.0
+
+        def timed_fit(prec, sigma) -> Laplace:  # the update's curvature, for the logs
+            nonlocal fit_seconds
+            start = time.perf_counter()
+            lap = fit(prec, sigma)
+            fit_seconds += time.perf_counter() - start
+            return lap
+
         start = time.perf_counter()
-        lap = self.marglik_loop.update(self.state.global_step, fit)
+        lap = self.marglik_loop.update(step, timed_fit)
         total = time.perf_counter() - start
         if self._online is not None:
             self._online.reset()
@@ -601,8 +595,8 @@ class MargLikTrainerMixin:
         logs = self._hyper_logs(-self.margliks[-1], lap.n_clipped)
         # wall seconds of this update: the curvature (a pass, or the online window's
         # factors) with its eigendecompositions, and the hyper-steps
-        logs["marglik_fit_seconds"] = self._fit_seconds
-        logs["marglik_hyper_seconds"] = total - self._fit_seconds
+        logs["marglik_fit_seconds"] = fit_seconds
+        logs["marglik_hyper_seconds"] = total - fit_seconds
         self._log_keeping_control(logs)
 
     def _log_keeping_control(self, logs: dict[str, float]) -> None:

@@ -119,11 +119,11 @@ def laplace_test_probs(cfg: RunConfig, trainer, loader) -> tuple[dict, torch.Ten
     probs: dict[str, list] = {k: [] for k in priors}
     labels = []
     glm = getattr(a.pred_type, "value", a.pred_type) == "glm"
+    isotropic = all(p.isotropic_per_tensor for p in priors.values())
     for batch in loader:
         inputs = {k: v.to(lap.device) for k, v in batch.items() if k != "labels"}
         if glm:
             logits, jac = lap.output_jacobians(inputs)
-            isotropic = all(p.isotropic_per_tensor for p in priors.values())
             covariance = glm_covariance_fn(lap, jac, *logits.shape, isotropic=isotropic)
             del jac  # K-FAC keeps only the rotated rows (one copy of the Jacobians)
         for name, prior in priors.items():
