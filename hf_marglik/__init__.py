@@ -13,7 +13,7 @@ Public API:
 - The options, as ``str`` Enums: :class:`Likelihood`, :class:`HessianStructure`,
   :class:`Backend`, :class:`KFACApprox`, :class:`PriorStructure`, :class:`PredType`,
   :class:`LinkApprox`, :class:`SubsetSampling`, :class:`TuningMethod`, :class:`CurvatureSource`,
-  :class:`PredictivePrior`.
+  :class:`PredictivePrior`, :class:`SubsetOfWeights`.
 - :func:`calibration_metrics` — accuracy, NLL, ECE and Brier score of predicted probabilities.
 """
 
@@ -33,6 +33,7 @@ from .options import (
     PredictivePrior,
     PredType,
     PriorStructure,
+    SubsetOfWeights,
     SubsetSampling,
     TuningMethod,
 )
@@ -80,6 +81,7 @@ __all__ = [
     "TuningMethod",
     "CurvatureSource",
     "PredictivePrior",
+    "SubsetOfWeights",
     "calibration_metrics",
 ]
 if importlib.util.find_spec("trl") is None:

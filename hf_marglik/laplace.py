@@ -36,9 +36,17 @@ from .curvature import (
     linear_sites,
     output_jacobians,
 )
-from .options import Backend, HessianStructure, KFACApprox, Likelihood, PriorStructure, coerce
+from .options import (
+    Backend,
+    HessianStructure,
+    KFACApprox,
+    Likelihood,
+    PriorStructure,
+    SubsetOfWeights,
+    coerce,
+)
 from .posterior import MAX_DENSE_BLOCK, KronPosterior, Posterior, posterior_from_state
-from .prior import Prior, trainable_parameters
+from .prior import Prior, flat_index, select_parameters, trainable_parameters
 
 __all__ = ["Laplace", "MAX_DENSE_BLOCK", "default_kfac_approx"]
 
@@ -79,6 +87,13 @@ class Laplace:
             accumulated as a streaming Nyström sketch and kept as its ``factor_rank`` leading
             eigenpairs plus a two-moment tail (:mod:`hf_marglik.factors`); memory per
             factor ``d·(factor_rank + 10)`` instead of ``d²``. None (default): dense factors.
+        subset_of_weights: ``"all"`` (default: every trainable tensor) or ``"last_layer"``
+            (the trained output layer only, the others fixed at the MAP; laplace-torch's
+            option, :class:`~hf_marglik.SubsetOfWeights`). A fitted Laplace over all tensors
+            gives the same last-layer posterior without a new fit: :meth:`restricted_to`.
+        predictive_subset_of_weights: the tensors the predictive (``__call__``,
+            ``predictive_samples``, ``optimize_prior_precision(method="gridsearch")``)
+            marginalises over; the marginal likelihood stays over ``subset_of_weights``.
     """
 
     def __init__(
@@ -98,6 +113,8 @@ class Laplace:
         enable_backprop: bool = False,
         seed: int | None = None,
         factor_rank: int | None = None,
+        subset_of_weights: SubsetOfWeights | str = SubsetOfWeights.ALL,
+        predictive_subset_of_weights: SubsetOfWeights | str = SubsetOfWeights.ALL,
     ):
         self.model = model
         self.likelihood = coerce(Likelihood, likelihood, "likelihood")
@@ -123,7 +140,9 @@ class Laplace:
         self.dict_key_x, self.dict_key_y = dict_key_x, dict_key_y
         self.n_mc_samples, self.enable_backprop, self.seed = n_mc_samples, enable_backprop, seed
         self.temperature = float(temperature)
+        self.subset_of_weights = coerce(SubsetOfWeights, subset_of_weights, "subset_of_weights")
         named = trainable_parameters(model)
+        named = [named[i] for i in select_parameters(named, self.subset_of_weights)]
         self.param_names = [n for n, _ in named]
         self.params = [p for _, p in named]
         """The trainable tensors the posterior is over (``named_parameters`` order)."""
@@ -145,6 +164,69 @@ class Laplace:
         self.loss: Tensor | None = None
         self._mean: Tensor | None = None
         self._mean_sq: tuple[Tensor, Tensor] | None = None
+        self.predictive_subset_of_weights = predictive_subset_of_weights
+
+    # ----------------------------------------------------------------- subsets of weights
+    @property
+    def predictive_subset_of_weights(self) -> SubsetOfWeights:
+        """The tensors the predictive marginalises over (the others stay at the MAP):
+        ``"all"`` of this Laplace's, or its ``"last_layer"``; saved with the posterior."""
+        return self._predictive_subset
+
+    @predictive_subset_of_weights.setter
+    def predictive_subset_of_weights(self, value: SubsetOfWeights | str) -> None:
+        value = coerce(SubsetOfWeights, value, "predictive_subset_of_weights")
+        self._predictive_indices = select_parameters(
+            list(zip(self.param_names, self.params)), value
+        )
+        self._predictive_subset = value
+
+    def restricted_to(self, subset_of_weights: SubsetOfWeights | str) -> Laplace:
+        """This Laplace over the tensors ``subset_of_weights`` selects only, the others fixed at
+        the MAP, without a new fit: the curvature's ``H_SS`` block, the prior's (and the
+        predictive prior's) entries, the mean's. The same numbers as fitting
+        ``Laplace(..., subset_of_weights=...)`` at the same parameters (for every structure:
+        K-FAC and the diagonal are block-diagonal, ``full`` keeps the sub-matrix). The blocks are
+        shared, not copied; the restriction's predictive is over all its tensors."""
+        indices = select_parameters(
+            list(zip(self.param_names, self.params)),
+            coerce(SubsetOfWeights, subset_of_weights, "subset_of_weights"),
+        )
+        return self._restricted(indices, subset_of_weights)
+
+    def predictive_view(self) -> Laplace:
+        """The Laplace the predictive uses: ``self``, or :meth:`restricted_to` the
+        ``predictive_subset_of_weights``."""
+        if len(self._predictive_indices) == len(self.params):
+            return self
+        return self._restricted(self._predictive_indices, self._predictive_subset)
+
+    def predictive_prior_of(self, prior: Prior) -> Prior:
+        """A prior over this Laplace's tensors restricted to the predictive's tensors."""
+        if len(self._predictive_indices) == len(self.params):
+            return prior
+        return prior.subset(self._predictive_indices)
+
+    def _restricted(self, indices: list[int], subset) -> Laplace:
+        out = object.__new__(Laplace)
+        out.__dict__.update(self.__dict__)
+        out.subset_of_weights = coerce(SubsetOfWeights, subset, "subset_of_weights")
+        out.param_names = [self.param_names[i] for i in indices]
+        out.params = [self.params[i] for i in indices]
+        out.sizes = [self.sizes[i] for i in indices]
+        out.sites = linear_sites(self.model, list(zip(out.param_names, out.params)))
+        out._prior = self._prior.subset(indices)
+        out._predictive_prior = (
+            None if self._predictive_prior is None else self._predictive_prior.subset(indices)
+        )
+        if self.posterior is not None:
+            out.posterior = self.posterior.subset(indices)
+        if self._mean is not None:
+            out._mean = self._mean[flat_index(self.sizes, indices, self._mean.device)]
+        out._mean_sq = None
+        out._predictive_subset = SubsetOfWeights.ALL
+        out._predictive_indices = list(range(len(indices)))
+        return out
 
     # ----------------------------------------------------------------- hyperparameters
     @property
@@ -592,6 +674,8 @@ class Laplace:
             "backend": self.backend.value,
             "kfac_approx": self.kfac_approx.value,
             "param_names": list(self.param_names),
+            "subset_of_weights": self.subset_of_weights.value,
+            "predictive_subset_of_weights": self.predictive_subset_of_weights.value,
             "prior_precision": self.prior_precision.clone(),
             "predictive_prior_precision": (
                 None
@@ -622,6 +706,7 @@ class Laplace:
         self.temperature = float(sd["temperature"])
         self.prior_precision = sd["prior_precision"]
         self.predictive_prior_precision = sd.get("predictive_prior_precision")
+        self.predictive_subset_of_weights = sd.get("predictive_subset_of_weights", "all")
         self.sigma_noise = sd["sigma_noise"]
         self.n_data, self.n_outputs = sd["n_data"], sd["n_outputs"]
         self.loss = sd["loss"].to(self.dtype)
@@ -653,6 +738,7 @@ class Laplace:
             backend=sd["backend"],
             kfac_approx=sd["kfac_approx"],
             temperature=sd["temperature"],
+            subset_of_weights=sd.get("subset_of_weights", "all"),
             **sd.get("options", {}),
         )
         lap.load_state_dict(_to_device(sd, lap.device))

@@ -67,6 +67,19 @@ class PriorStructure(str, Enum):
     """One precision per trainable parameter."""
 
 
+class SubsetOfWeights(str, Enum):
+    """Which trainable tensors a Laplace approximation (or its predictive) is over
+    (laplace-torch's ``subset_of_weights``)."""
+
+    ALL = "all"
+    """Every trainable tensor (LoRA adapters and a trained head)."""
+    LAST_LAYER = "last_layer"
+    """The trainable tensors of the last module that has any, in ``named_modules()`` order:
+    the classification head of a Hugging Face sequence classifier trained with
+    ``modules_to_save``, the last ``nn.Linear`` of an MLP. The other tensors stay at the MAP.
+    Refused where that module is a LoRA adapter (the model has no trained output layer)."""
+
+
 class SubsetSampling(str, Enum):
     """How the examples of a curvature subset (``marglik_subset``) are drawn."""
 

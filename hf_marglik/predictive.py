@@ -1,7 +1,9 @@
 """Posterior predictive distributions of a fitted :class:`~hf_marglik.Laplace`, through its
 public face only (``output_jacobians``, ``posterior``, ``predictive_prior``, ``sample_deltas``).
 The predictive uses ``predictive_prior`` (``predictive_prior_precision`` when one was tuned on
-validation data, else the prior precision).
+validation data, else the prior precision), over the tensors of ``predictive_subset_of_weights``
+(``predictive_view()``: the others stay at the MAP). Priors passed to the helpers below are laid
+out over all of the Laplace's tensors and restricted here.
 
 ``glm``: the network linearised in its trainable parameters, ``f(x) ~ N(f*(x), J(x) Σ J(x)ᵀ)``;
 ``J`` comes from one backward pass per output. Classification pushes the Gaussian through the
@@ -36,16 +38,18 @@ def model_inputs(lap, batch):
 
 def glm_jacobians(lap, batch) -> tuple[Tensor, list[Tensor]]:
     """The logits ``(n, k)`` and, per trainable tensor, the Jacobian of the logits in it,
-    ``(n·k, numel)`` with rows ordered example-major (:meth:`Laplace.output_jacobians`)."""
-    return lap.output_jacobians(batch)
+    ``(n·k, numel)`` with rows ordered example-major (:meth:`Laplace.output_jacobians`), over
+    the predictive's tensors (``predictive_subset_of_weights``)."""
+    return lap.predictive_view().output_jacobians(batch)
 
 
 def glm_covariance(lap, jacobians: list[Tensor], n: int, k: int, prior=None) -> Tensor:
     """``J(x) Σ J(x)ᵀ`` per example, ``(n, k, k)``, from :func:`glm_jacobians`: the Jacobians
     depend on the model only, so one set serves several posteriors or priors over the same
     parameters (compressed posteriors, a grid of prior precisions)."""
-    prior = lap.predictive_prior if prior is None else prior
-    return lap.posterior.output_covariance(jacobians, n, k, prior, lap.likelihood_factor())
+    prior = lap.predictive_prior_of(lap.predictive_prior if prior is None else prior)
+    post = lap.predictive_view().posterior
+    return post.output_covariance(jacobians, n, k, prior, lap.likelihood_factor())
 
 
 def glm_covariance_fn(lap, jacobians: list[Tensor], n: int, k: int, isotropic: bool | None = None):
@@ -55,9 +59,11 @@ def glm_covariance_fn(lap, jacobians: list[Tensor], n: int, k: int, isotropic: b
     whether every prior it will get is scalar or layerwise (default: the predictive prior's)."""
     if isotropic is None:
         isotropic = lap.predictive_prior.isotropic_per_tensor
-    fn = lap.posterior.output_covariance_fn(jacobians, n, k, isotropic)
+    fn = lap.predictive_view().posterior.output_covariance_fn(jacobians, n, k, isotropic)
     f = lap.likelihood_factor()
-    return lambda prior=None: fn(lap.predictive_prior if prior is None else prior, f)
+    return lambda prior=None: fn(
+        lap.predictive_prior_of(lap.predictive_prior if prior is None else prior), f
+    )
 
 
 def glm_moments(lap, batch) -> tuple[Tensor, Tensor]:
@@ -120,7 +126,8 @@ def predictive(
         return draws.mean(0)
     if joint:
         logits, jac = glm_jacobians(lap, batch)
-        cov = lap.posterior.quadratic(jac, lap.predictive_prior, lap.likelihood_factor())
+        view = lap.predictive_view()
+        cov = view.posterior.quadratic(jac, view.predictive_prior, lap.likelihood_factor())
         return logits.reshape(-1), cov
     mean, cov = glm_moments(lap, batch)
     if regression:
@@ -155,6 +162,7 @@ def _nn_outputs(lap, batch, n_samples, generator, regression) -> Tensor:
     posterior, ``(n_samples, n, k)``; the parameters are restored afterwards."""
     model = lap.model
     inputs = model_inputs(lap, batch)
+    lap = lap.predictive_view()
     saved = [p.detach().clone() for p in lap.params]
     mean = list(torch.split(lap.mean, lap.sizes))
     was_training = model.training

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .options import PriorStructure
+from .options import PriorStructure, SubsetOfWeights, coerce
 
 
 def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -31,6 +31,35 @@ def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
             "LoRA adapters (peft) or unfreeze a head."
         )
     return params
+
+
+def select_parameters(
+    named: list[tuple[str, nn.Parameter]], subset_of_weights: SubsetOfWeights | str
+) -> list[int]:
+    """The indices into ``named`` (trainable ``(name, parameter)`` pairs in
+    ``named_parameters()`` order) that ``subset_of_weights`` selects (:class:`SubsetOfWeights`).
+    ``"last_layer"``: the tensors of the module that owns the last trainable tensor."""
+    subset = coerce(SubsetOfWeights, subset_of_weights, "subset_of_weights")
+    if subset == SubsetOfWeights.ALL:
+        return list(range(len(named)))
+    owner = named[-1][0].rsplit(".", 1)[0]
+    if ".lora_" in f".{owner}":
+        raise ValueError(
+            f"subset_of_weights='last_layer' needs a trained output layer, but the last "
+            f"trainable module of this model is the LoRA adapter {owner!r}. Train the head (peft "
+            "LoraConfig(modules_to_save=[...]); sequence classifiers do by default) or use "
+            "subset_of_weights='all'."
+        )
+    return [i for i, (n, _) in enumerate(named) if n.rsplit(".", 1)[0] == owner]
+
+
+def flat_index(sizes: Sequence[int], indices: Sequence[int], device=None) -> Tensor:
+    """The positions in a flat parameter vector over tensors of ``sizes`` of the entries of the
+    tensors ``indices``."""
+    offsets = [0]
+    for s in sizes:
+        offsets.append(offsets[-1] + int(s))
+    return torch.cat([torch.arange(offsets[i], offsets[i + 1], device=device) for i in indices])
 
 
 class Prior:
@@ -79,6 +108,15 @@ class Prior:
     @property
     def n_params(self) -> int:
         return sum(self.sizes)
+
+    def subset(self, indices: Sequence[int]) -> Prior:
+        """The prior over the tensors ``indices`` only (same structure)."""
+        sizes = [self.sizes[i] for i in indices]
+        if self.structure == PriorStructure.SCALAR:
+            return Prior(self.values, sizes)
+        if self.structure == PriorStructure.LAYERWISE:
+            return Prior(self.values[list(indices)], sizes)
+        return Prior(self.values[flat_index(self.sizes, indices, self.values.device)], sizes)
 
     @property
     def isotropic_per_tensor(self) -> bool:

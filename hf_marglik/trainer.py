@@ -60,9 +60,10 @@ from .options import (
 )
 from .parallel import check_parallelism
 from .preemption import SigtermCheckpointCallback
-from .prior import trainable_parameters
+from .prior import select_parameters, trainable_parameters
 from .subset import CurvatureSubset, select_examples, subset_size
 from .training_args import MargLikArguments
+from .tuning import tune_predictive_prior
 
 logger = logging.getLogger(__name__)
 
@@ -180,6 +181,7 @@ class MargLikTrainerMixin:
             # older transformers divide the loss by the accumulation steps unless this is set
             self.model_accepts_loss_kwargs = True
         named = trainable_parameters(self.model)  # a clear error when nothing is trainable
+        select_parameters(named, self.args.predictive_subset_of_weights)  # a head to select?
         self._names, self._params = [n for n, _ in named], [p for _, p in named]
         self._check_inputs()  # before any work, so that scripts report them as bad input
         self.marglik_loop: MargLikLoop | None = None
@@ -519,6 +521,7 @@ class MargLikTrainerMixin:
             dict_key_y=a.dict_key_y,
             n_mc_samples=a.n_mc_samples,
             factor_rank=a.factor_rank,
+            predictive_subset_of_weights=a.predictive_subset_of_weights,
         )
 
     def _data_pass_loader(self, dataset):
@@ -657,18 +660,13 @@ class MargLikTrainerMixin:
         """``predictive_prior='gridsearch'``: the learned precisions times the factor with the
         lowest predictive NLL on ``eval_dataset``, as ``lap.predictive_prior_precision``."""
         a = self.args
-        learned = lap.prior_precision.clone()
-        lap.optimize_prior_precision(
-            pred_type=a.pred_type,
-            method="gridsearch",
-            val_loader=self.get_eval_dataloader(self.eval_dataset),
-            link_approx=a.link_approx,
-            n_samples=a.predictive_samples,
-            relative=True,
+        scale = tune_predictive_prior(
+            lap,
+            self.get_eval_dataloader(self.eval_dataset),
+            a.pred_type,
+            a.link_approx,
+            a.predictive_samples,
         )
-        tuned = lap.prior_precision.clone()
-        lap.prior_precision, lap.predictive_prior_precision = learned, tuned
-        scale = float((tuned / learned).mean())
         self.log({"predictive_prior_scale": scale})
         logger.info("predictive prior: the learned precisions times %.3g (eval NLL).", scale)
 

@@ -24,6 +24,7 @@ from .options import (
     PredictivePrior,
     PredType,
     PriorStructure,
+    SubsetOfWeights,
     SubsetSampling,
     coerce,
 )
@@ -102,6 +103,10 @@ class MargLikArguments:
             the predictive's NLL on ``eval_dataset`` (laplace-torch's gridsearch, relative to
             the learned values), stored as ``laplace.predictive_prior_precision`` and saved in
             the posterior file; the learned precisions stay the marginal likelihood's.
+        predictive_subset_of_weights: the tensors the predictive marginalises over: ``"all"``
+            (default) or ``"last_layer"`` (the trained head only; the LoRA adapters stay at the
+            MAP; laplace-torch's ``subset_of_weights``). Training and the marginal likelihood
+            are over all trainable tensors either way; saved with the posterior.
         pred_type: ``"glm"`` (linearised network, default) or ``"nn"`` (parameter samples).
         link_approx: ``"probit"`` (default) or ``"mc"`` for the glm predictive.
         predictive_samples: samples of the ``"nn"`` predictive or of the ``"mc"`` link.
@@ -256,6 +261,14 @@ class MargLikArguments:
             "choices": ["marglik", "gridsearch"],
         },
     )
+    predictive_subset_of_weights: str = field(
+        default="all",
+        metadata={
+            "help": "Tensors the predictive marginalises over: 'all' or 'last_layer' (the "
+            "trained head; the adapters stay at the MAP). The marginal likelihood is over all.",
+            "choices": ["all", "last_layer"],
+        },
+    )
     pred_type: str = field(
         default="glm",
         metadata={
@@ -283,6 +296,9 @@ class MargLikArguments:
         super().__post_init__()
         self.pred_type = coerce(PredType, self.pred_type, "pred_type")
         self.predictive_prior = coerce(PredictivePrior, self.predictive_prior, "predictive_prior")
+        self.predictive_subset_of_weights = coerce(
+            SubsetOfWeights, self.predictive_subset_of_weights, "predictive_subset_of_weights"
+        )
         self.link_approx = coerce(LinkApprox, self.link_approx, "link_approx")
         if self.factor_rank is not None and self.factor_rank < 1:
             raise ValueError(f"factor_rank={self.factor_rank} is invalid; set it to >= 1 or None.")

@@ -157,7 +157,13 @@ def test_interrupted_study_resumes_and_arms_can_be_added(copy):
 def test_posthoc_laplace_arms_tune_the_prior_after_training(copy, one_thread):
     """Arm 5 on the recorded plain run: no training, one fit, both tuning methods."""
     plain_before = _snapshot(_runs(copy) / "plain-wd0.01-seed0")
-    arms = ["plain", "posthoc_laplace", "posthoc_laplace_gridsearch"]
+    arms = [
+        "plain",
+        "posthoc_laplace",
+        "posthoc_laplace_gridsearch",
+        "posthoc_laplace_last_layer",
+        "posthoc_laplace_last_layer_gridsearch",
+    ]
     assert compare.main([*TINY, "--out", str(copy), "--arms", *arms]) == 0
     assert _snapshot(_runs(copy) / "plain-wd0.01-seed0") == plain_before
     cell = _cell(copy)
@@ -175,11 +181,38 @@ def test_posthoc_laplace_arms_tune_the_prior_after_training(copy, one_thread):
     assert all(
         p > 0 and math.isfinite(p) for p in marglik["prior_precision"] + grid["prior_precision"]
     )
-    for name in ("posthoc_laplace", "posthoc_laplace_gridsearch"):
+    ll = job["variants"]["last_layer_marglik"]
+    assert len(ll["prior_precision"]) == 2  # layerwise over the head's weight and bias
+    # K-FAC and a layerwise prior: the marginal likelihood is a sum over tensors, so the head's
+    # precisions tuned alone are those tuned with the adapters (Adam: the same steps)
+    assert ll["prior_precision"] == pytest.approx(marglik["prior_precision"][-2:], rel=1e-5)
+    assert ll["test"] != marglik["test"]
+    for name in arms[1:]:
         r = cell["arms"][name]["per_seed"]["0"]
         assert 0 <= r["metrics"]["ece"] <= 1
         assert r["cpu_s"] > plain["cpu_s"]  # the run plus the post-hoc work
     assert (copy / "figures" / "tiny-default-reliability.png").stat().st_size > 10_000
+
+
+def test_marglik_predictive_job_reproduces_the_runs_test_laplace(copy, one_thread):
+    """The saved posterior's predictive, tuned again over each subset of weights: the variant
+    of the run's own setting gives the run's test_laplace (the job redoes what train.py did)."""
+    arms = ["marglik_map", "marglik_laplace", "marglik_laplace_all", "marglik_laplace_last_layer"]
+    assert compare.main([*TINY, "--out", str(copy), "--arms", *arms]) == 0
+    cell = _cell(copy)
+    job_dir = copy / "tiny" / "default" / "posthoc" / "marglik_predictive-seed0"
+    job = json.loads((job_dir / "result.json").read_text())
+    own = job["run_setting"]
+    assert own in ("all", "last_layer") and set(job["variants"]) == {"all", "last_layer"}
+    shipped = cell["arms"]["marglik_laplace"]["per_seed"]["0"]["metrics"]
+    redone = cell["arms"][f"marglik_laplace_{own}"]["per_seed"]["0"]["metrics"]
+    for m in ("accuracy", "nll", "ece", "brier"):
+        assert redone[m] == pytest.approx(shipped[m], rel=1e-6, abs=1e-9), m
+    probs = torch.load(job_dir / "probs.pt", weights_only=True)
+    assert probs["all"].shape == probs["last_layer"].shape == (8, 5)
+    # (at this size both grids pick a precision at which the two predictives agree to float32;
+    # that the subset changes the predictive is tests/test_subset_of_weights.py's)
+    assert "marglik_laplace_all - marglik_map" in cell["paired"]
 
 
 # ---------------------------------------------------------------- bad input

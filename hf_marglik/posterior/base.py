@@ -53,6 +53,13 @@ class Posterior(ABC):
         """``H`` as a dense ``(P, P)`` matrix (tests and small models)."""
 
     @abstractmethod
+    def subset(self, indices: list[int]) -> Posterior:
+        """The curvature of the tensors ``indices`` alone, ``H_SS``: the posterior of a Laplace
+        over those tensors with the others fixed at the MAP (laplace-torch's
+        ``subset_of_weights``), without a new pass over the data. The blocks are shared, not
+        copied."""
+
+    @abstractmethod
     def state_dict(self) -> dict:
         """The curvature in its stored form (loads with :func:`posterior_from_state`)."""
 

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from ..options import HessianStructure
-from ..prior import Prior
+from ..prior import Prior, flat_index
 from .base import Posterior
 
 
@@ -32,6 +32,13 @@ class DiagPosterior(Posterior):
         std = torch.rsqrt(self._precision(prior, f))
         z = torch.randn(n, self.n_params, generator=generator, dtype=std.dtype, device=std.device)
         return list(torch.split(z * std, self.sizes, dim=1))
+
+    def subset(self, indices: list[int]) -> DiagPosterior:
+        out = DiagPosterior(
+            [self.sizes[i] for i in indices], self.h[flat_index(self.sizes, indices, self.h.device)]
+        )
+        out.n_clipped = self.n_clipped
+        return out
 
     def curvature_dense(self) -> Tensor:
         return torch.diag(self.h)

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from ..options import HessianStructure
-from ..prior import Prior
+from ..prior import Prior, flat_index
 from .base import Posterior
 
 
@@ -35,6 +35,12 @@ class FullPosterior(Posterior):
         z = torch.randn(L.shape[0], n, generator=generator, dtype=L.dtype, device=L.device)
         draws = torch.linalg.solve_triangular(L.T, z, upper=True).T
         return list(torch.split(draws, self.sizes, dim=1))
+
+    def subset(self, indices: list[int]) -> FullPosterior:
+        keep = flat_index(self.sizes, indices, self.H.device)
+        out = FullPosterior([self.sizes[i] for i in indices], self.H[keep][:, keep])
+        out.n_clipped = self.n_clipped
+        return out
 
     def curvature_dense(self) -> Tensor:
         return self.H.clone()

@@ -225,6 +225,23 @@ class KronPosterior(Posterior):
         out.n_clipped = self.n_clipped
         return out
 
+    def subset(self, indices: list[int]) -> KronPosterior:
+        """The blocks of the tensors ``indices``; a factor they share stays shared, and the
+        factors no kept block names are dropped."""
+        used: dict[int, int] = {}
+        for i in indices:
+            for j in self.blocks[i]:
+                if j is not None and j not in used:
+                    used[j] = len(used)
+        blocks = [
+            (used[b], None if a is None else used[a]) for b, a in (self.blocks[i] for i in indices)
+        ]
+        out = KronPosterior(
+            [self.sizes[i] for i in indices], [self.factors[j] for j in used], blocks
+        )
+        out.n_clipped = self.n_clipped
+        return out
+
     def state_dict(self) -> dict:
         return {
             "factors": [(f.values, f.vectors) for f in self.factors],

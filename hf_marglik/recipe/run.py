@@ -109,7 +109,7 @@ def laplace_test_probs(cfg: RunConfig, trainer, loader) -> tuple[dict, torch.Ten
     the marginal likelihood learned); and the labels. For ``pred_type='glm'`` each batch's
     Jacobians are computed once and serve both priors (the same numbers as ``lap(batch, ...)``,
     each prior with its own generator seeded with the training seed)."""
-    from ..predictive import categorical, glm_covariance_fn
+    from ..predictive import categorical, glm_covariance_fn, glm_jacobians
 
     a, lap = cfg.training, trainer.laplace
     priors = {"predictive": lap.predictive_prior}
@@ -123,7 +123,7 @@ def laplace_test_probs(cfg: RunConfig, trainer, loader) -> tuple[dict, torch.Ten
     for batch in loader:
         inputs = {k: v.to(lap.device) for k, v in batch.items() if k != "labels"}
         if glm:
-            logits, jac = lap.output_jacobians(inputs)
+            logits, jac = glm_jacobians(lap, inputs)
             covariance = glm_covariance_fn(lap, jac, *logits.shape, isotropic=isotropic)
             del jac  # K-FAC keeps only the rotated rows (one copy of the Jacobians)
         for name, prior in priors.items():

@@ -102,7 +102,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import study_store as store
-from .study_posthoc import POSTHOC_LAPLACE_SETTINGS, TEMPERATURE_SETTINGS
+from .study_posthoc import (
+    MARGLIK_PREDICTIVE_SETTINGS,
+    POSTHOC_LAPLACE_SETTINGS,
+    TEMPERATURE_SETTINGS,
+)
 from .study_store import JobRecord, RunFailed, RunRecord, StudyError
 
 __all__ = ["RunFailed", "StudyError", "make_study", "run_study", "describe_plan"]
@@ -236,6 +240,7 @@ class Settings:
             "wd_grid": list(self.wd_grid),
             "plain_wd": PLAIN_WD,
             "posthoc_laplace": POSTHOC_LAPLACE_SETTINGS,
+            "marglik_predictive": MARGLIK_PREDICTIVE_SETTINGS,
             "temperature": TEMPERATURE_SETTINGS,
         }
 
@@ -367,7 +372,9 @@ class JobArm(Arm):
         base, job = view.run(self.job.base), view.job(self.job)
         if base is None or job is None:
             return None
-        v = job.result["variants"][self.variant]
+        v = job.result["variants"].get(self.variant)
+        if v is None:  # not applicable to this model (a last-layer variant without a head)
+            return None
         extra = v.get("extra", job.result["timing"])
         compute = _run_compute([base])
         compute["cpu_s"] += extra["cpu_s"]
@@ -382,7 +389,7 @@ class JobArm(Arm):
         if job is None:
             return None
         t = job.tensors()
-        return t[self.variant], t["labels"]
+        return (t[self.variant], t["labels"]) if self.variant in t else None
 
 
 def marglik_arms(name: str, flags: tuple[str, ...], description: str) -> dict[str, Arm]:
@@ -404,6 +411,7 @@ def marglik_arms(name: str, flags: tuple[str, ...], description: str) -> dict[st
 
 
 POSTHOC_LAPLACE = JobSpec("posthoc_laplace", "posthoc_laplace", PLAIN)
+MARGLIK_PREDICTIVE = JobSpec("marglik_predictive", "marglik_predictive", MARGLIK)
 TEMPERATURE = JobSpec("temperature", "temperature", PLAIN)
 ARMS: dict[str, Arm] = {
     "plain": RunArm("plain", f"plain fine-tuning, weight decay {PLAIN_WD:g}", PLAIN),
@@ -427,6 +435,32 @@ ARMS: dict[str, Arm] = {
         POSTHOC_LAPLACE,
         "gridsearch",
     ),
+    "posthoc_laplace_last_layer": JobArm(
+        "posthoc_laplace_last_layer",
+        "plain MAP + last-layer K-FAC Laplace, prior tuned by the marginal likelihood "
+        "(laplace-torch's default post-hoc Laplace; needs a trained head)",
+        POSTHOC_LAPLACE,
+        "last_layer_marglik",
+    ),
+    "posthoc_laplace_last_layer_gridsearch": JobArm(
+        "posthoc_laplace_last_layer_gridsearch",
+        "plain MAP + last-layer K-FAC Laplace, scalar prior by validation NLL (needs a head)",
+        POSTHOC_LAPLACE,
+        "last_layer_gridsearch",
+    ),
+    "marglik_laplace_all": JobArm(
+        "marglik_laplace_all",
+        "--marglik, its saved posterior's predictive over all tensors, prior by validation",
+        MARGLIK_PREDICTIVE,
+        "all",
+    ),
+    "marglik_laplace_last_layer": JobArm(
+        "marglik_laplace_last_layer",
+        "--marglik, its saved posterior's predictive over the head only, prior by validation "
+        "(needs a trained head)",
+        MARGLIK_PREDICTIVE,
+        "last_layer",
+    ),
     "temperature": JobArm(
         "temperature",
         "plain MAP, temperature scaled on the validation split",
@@ -446,6 +480,10 @@ LABELS = {
     "marglik_exact_laplace_learned": "marglik exact-fit Laplace, learned prior",
     "posthoc_laplace": "post-hoc Laplace (marglik)",
     "posthoc_laplace_gridsearch": "post-hoc Laplace (grid)",
+    "posthoc_laplace_last_layer": "post-hoc last-layer Laplace (marglik)",
+    "posthoc_laplace_last_layer_gridsearch": "post-hoc last-layer Laplace (grid)",
+    "marglik_laplace_all": "marglik Laplace, all tensors",
+    "marglik_laplace_last_layer": "marglik Laplace, head only",
     "temperature": "temperature scaling",
 }
 
@@ -700,7 +738,18 @@ def _posthoc_laplace(view: SeedView, base: RunRecord):
     return posthoc_laplace(base.folder, argv[2 : argv.index("--output_dir")])  # train.py's
 
 
-JOBS = {"temperature": _temperature, "posthoc_laplace": _posthoc_laplace}
+def _marglik_predictive(view: SeedView, base: RunRecord):
+    from .study_posthoc import marglik_predictive
+
+    argv = base.record["argv"]
+    return marglik_predictive(base.folder, argv[2 : argv.index("--output_dir")])
+
+
+JOBS = {
+    "temperature": _temperature,
+    "posthoc_laplace": _posthoc_laplace,
+    "marglik_predictive": _marglik_predictive,
+}
 """Post-hoc job kinds: ``fn(view, base_run_record) -> (result, tensors)``."""
 
 
@@ -897,6 +946,10 @@ def aggregate_cell(study: Study, cell: Cell) -> dict:
                 paired[f"{name} - plain"] = _paired(arms[name], arms["plain"])
     if "marglik_map" in arms and "grid" in arms:
         paired["marglik_map - grid"] = _paired(arms["marglik_map"], arms["grid"])
+    if "marglik_map" in arms:  # a predictive against the MAP it comes from
+        for name in arms:
+            if name.startswith("marglik_laplace"):
+                paired[f"{name} - marglik_map"] = _paired(arms[name], arms["marglik_map"])
     target = TARGETS[cell.regime.target](arms, paired)
     return {
         "task": cell.task.name,

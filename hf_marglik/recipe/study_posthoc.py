@@ -15,6 +15,16 @@ plain run without training again.
   precision from a log grid, by the NLL of the GLM probit predictive on the validation split).
   Each variant's test metrics are those of the GLM predictive with the probit link. One fit
   serves both variants; each variant's compute is the fit plus its own tuning and test pass.
+  Where the model has a trained head, the same two tunings of a last-layer Laplace
+  (``subset_of_weights="last_layer"``, laplace-torch's default for post-hoc Laplace; the
+  variants ``last_layer_marglik``, ``last_layer_gridsearch``), from the restriction of the
+  same fit (:meth:`~hf_marglik.Laplace.restricted_to`: the numbers of a last-layer fit).
+- :func:`marglik_predictive`: the posterior a ``--marglik`` run saved, its predictive's prior
+  tuned again on the validation split as the trainer does (``predictive_prior="gridsearch"``,
+  :func:`~hf_marglik.tuning.tune_predictive_prior`), over each ``predictive_subset_of_weights``
+  (variants ``all`` and, with a trained head, ``last_layer``); the test predictive as
+  ``train.py`` computes ``test_laplace`` (:func:`~hf_marglik.recipe.run.laplace_test_probs`).
+  The variant of the run's own setting reproduces its ``test_laplace``.
 
 Metrics: from logits with :class:`~hf_marglik.recipe.metrics.CalibrationMeter` (log-softmax,
 so a very confident wrong prediction keeps its full NLL), from probabilities with
@@ -46,6 +56,12 @@ POSTHOC_LAPLACE_SETTINGS = {
         "log_prior_prec_max": 4,
     },
     "predictive": {"pred_type": "glm", "link_approx": "probit"},
+    "last_layer": "the restriction of the same fit, when the model has a trained head",
+}
+MARGLIK_PREDICTIVE_SETTINGS = {
+    "posterior": "the run's laplace_posterior.pt",
+    "tuning": "predictive_prior='gridsearch' (relative grid, validation NLL)",
+    "subsets": ["all", "last_layer"],
 }
 """What the post-hoc arms do; part of the study's fingerprint (a change is another study)."""
 
@@ -212,25 +228,96 @@ def posthoc_laplace(run_dir: Path, train_args: list[str]) -> tuple[dict, dict]:
             log_prior_prec_max=s["gridsearch"]["log_prior_prec_max"],
         ),
     }
-    for name, kwargs in tuning.items():
-        lap.prior_precision = t.prior_prec_init  # each variant starts from the same prior
+    targets = {"": lap}
+    with contextlib.suppress(ValueError):  # no trained head: no last-layer variants
+        targets["last_layer_"] = lap.restricted_to("last_layer")
+    for prefix, target in targets.items():
+        for name, kwargs in tuning.items():
+            target.prior_precision = t.prior_prec_init  # each variant starts from the same prior
+            start = _clock()
+            target.optimize_prior_precision(pred_type=s["predictive"]["pred_type"], **kwargs)
+            tuned = _since(start)
+            start = _clock()
+            probs, y = _predictive(target, test)
+            predict = _since(start)
+            result["variants"][prefix + name] = {
+                "test": calibration_metrics(probs[y != -100], y[y != -100]),
+                "prior_precision": target.prior_precision.detach().double().cpu().tolist(),
+                "log_marglik": float(target.log_marginal_likelihood()),
+                "tuning": tuned,
+                "predictive": predict,
+                "extra": {
+                    "wall_s": fit["wall_s"] + tuned["wall_s"] + predict["wall_s"],
+                    "cpu_s": fit["cpu_s"] + tuned["cpu_s"] + predict["cpu_s"],
+                },
+            }
+            tensors[prefix + name] = probs
+    return result, tensors
+
+
+def marglik_predictive(run_dir: Path, train_args: list[str]) -> tuple[dict, dict]:
+    """The saved posterior of the ``--marglik`` run in ``run_dir`` (made by ``scripts/train.py
+    *train_args``), its predictive's prior tuned on the validation split as the trainer does,
+    per ``predictive_subset_of_weights``: ``(result, tensors)`` with per variant the factor on
+    the learned precisions, the tuning and test-predictive timings and the test metrics (as
+    ``test_laplace``); ``tensors`` holds each variant's test probabilities."""
+    from types import SimpleNamespace
+
+    from torch.utils.data import DataLoader
+    from transformers.utils import logging as hf_logging
+
+    from .. import calibration_metrics
+    from ..tuning import tune_predictive_prior
+    from .config import parse_args
+    from .run import laplace_test_probs, load_trained, prepare
+
+    with contextlib.redirect_stdout(io.StringIO()):  # the weight-decay notice of --marglik
+        cfg = parse_args([*train_args, "--output_dir", str(run_dir)])
+    a = cfg.training
+    prep = prepare(cfg)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model, lap = load_trained(cfg, prep, run_dir)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if lap is None:
+        raise ValueError(f"{run_dir} holds no laplace_posterior.pt (not a --marglik run).")
+    device = next(model.parameters()).device
+
+    def loader(split: str):
+        dl = DataLoader(
+            prep.encoded[split], batch_size=a.per_device_eval_batch_size, collate_fn=prep.collator
+        )
+        return _OnDevice(dl, device)
+
+    val, test = loader("validation"), loader("test")
+    result: dict = {"run_setting": a.predictive_subset_of_weights.value, "variants": {}}
+    tensors: dict = {}
+    for subset in MARGLIK_PREDICTIVE_SETTINGS["subsets"]:
+        try:
+            lap.predictive_subset_of_weights = subset
+        except ValueError:  # no trained head
+            continue
+        lap.predictive_prior_precision = None
         start = _clock()
-        lap.optimize_prior_precision(pred_type=s["predictive"]["pred_type"], **kwargs)
+        scale = tune_predictive_prior(lap, val, a.pred_type, a.link_approx, a.predictive_samples)
         tuned = _since(start)
         start = _clock()
-        probs, y = _predictive(lap, test)
+        by_prior, labels = laplace_test_probs(cfg, SimpleNamespace(laplace=lap), test)
         predict = _since(start)
-        prec = lap.prior_precision.detach().double().cpu()
-        result["variants"][name] = {
-            "test": calibration_metrics(probs[y != -100], y[y != -100]),
-            "prior_precision": prec.tolist(),
-            "log_marglik": float(lap.log_marginal_likelihood()),
+        keep = labels != -100
+        probs = by_prior["predictive"]
+        result["variants"][subset] = {
+            "test": calibration_metrics(probs[keep], labels[keep]),
+            "predictive_prior_scale": scale,
             "tuning": tuned,
             "predictive": predict,
             "extra": {
-                "wall_s": fit["wall_s"] + tuned["wall_s"] + predict["wall_s"],
-                "cpu_s": fit["cpu_s"] + tuned["cpu_s"] + predict["cpu_s"],
+                "wall_s": tuned["wall_s"] + predict["wall_s"],
+                "cpu_s": tuned["cpu_s"] + predict["cpu_s"],
             },
         }
-        tensors[name] = probs
+        tensors[subset] = probs
+        tensors["labels"] = labels
     return result, tensors
