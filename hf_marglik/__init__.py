@@ -13,7 +13,7 @@ Public API:
 - The options, as ``str`` Enums: :class:`Likelihood`, :class:`HessianStructure`,
   :class:`Backend`, :class:`KFACApprox`, :class:`PriorStructure`, :class:`PredType`,
   :class:`LinkApprox`, :class:`SubsetSampling`, :class:`TuningMethod`, :class:`CurvatureSource`,
-  :class:`PredictivePrior`, :class:`SubsetOfWeights`.
+  :class:`PredictivePrior`, :class:`SubsetOfWeights`, :class:`PriorMean`.
 - :func:`calibration_metrics` — accuracy, NLL, ECE and Brier score of predicted probabilities.
 """
 
@@ -32,6 +32,7 @@ from .options import (
     LinkApprox,
     PredictivePrior,
     PredType,
+    PriorMean,
     PriorStructure,
     SubsetOfWeights,
     SubsetSampling,
@@ -82,6 +83,7 @@ __all__ = [
     "CurvatureSource",
     "PredictivePrior",
     "SubsetOfWeights",
+    "PriorMean",
     "calibration_metrics",
 ]
 if importlib.util.find_spec("trl") is None:

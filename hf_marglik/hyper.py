@@ -169,6 +169,8 @@ class HyperOptimizer:
         self.optimizer = torch.optim.Adam(hypers, lr=lr_hyp)
         self.evaluated_prior_precision = self.prior_precision
         self.evaluated_sigma_noise = self.sigma_noise
+        self.prior_mean: Tensor | None = None
+        """The prior's mean ``μ`` as one flat vector over the trainable tensors; None: zero."""
 
     @property
     def learns_sigma(self) -> bool:
@@ -207,9 +209,18 @@ class HyperOptimizer:
         return Prior(self.prior_precision, self.sizes)
 
     def prior_term(self, params: list[Tensor]) -> Tensor:
-        """``½ θᵀPθ / crit_factor`` at the current precision, differentiable in ``params``."""
+        """``½ (θ − μ)ᵀP(θ − μ) / crit_factor`` at the current precision, differentiable in
+        ``params`` (``μ``: :attr:`prior_mean`, 0 unless set)."""
         prior = Prior(self.prior_precision.to(params[0].dtype), self.sizes)
+        if self.prior_mean is not None:
+            mus = torch.split(self.prior_mean.to(params[0].dtype), self.sizes)
+            params = [p - m.reshape(p.shape) for p, m in zip(params, mus)]
         return 0.5 * prior.quadratic(params) / self.crit_factor
+
+    def centre_prior_at(self, params: list[Tensor]) -> None:
+        """Centre the prior at the current values of ``params`` (``prior_mean="init"``: the
+        parameters before training); saved in :meth:`state_dict`."""
+        self.prior_mean = torch.cat([p.detach().reshape(-1) for p in params]).clone()
 
     def step(self, lap, n_hypersteps: int) -> list[float]:
         """Take ``n_hypersteps`` Adam steps on ``−lap.log_marginal_likelihood(δ, σ)``.
@@ -301,6 +312,7 @@ class HyperOptimizer:
             "optimizer": copy.deepcopy(self.optimizer.state_dict()),
             "evaluated_prior_precision": self.evaluated_prior_precision.clone(),
             "evaluated_sigma_noise": self.evaluated_sigma_noise.clone(),
+            "prior_mean": None if self.prior_mean is None else self.prior_mean.clone(),
         }
 
     def load_state_dict(self, sd: dict) -> None:
@@ -320,3 +332,5 @@ class HyperOptimizer:
         device, dtype = self.log_prior_prec.device, self.log_prior_prec.dtype
         self.evaluated_prior_precision = sd["evaluated_prior_precision"].to(device, dtype)
         self.evaluated_sigma_noise = sd["evaluated_sigma_noise"].to(device, dtype)
+        mu = sd.get("prior_mean")
+        self.prior_mean = None if mu is None else mu.to(device)

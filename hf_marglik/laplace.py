@@ -94,6 +94,9 @@ class Laplace:
         predictive_subset_of_weights: the tensors the predictive (``__call__``,
             ``predictive_samples``, ``optimize_prior_precision(method="gridsearch")``)
             marginalises over; the marginal likelihood stays over ``subset_of_weights``.
+        prior_mean: the prior's mean ``μ`` (laplace-torch's): 0 (default), a float, or one value
+            per trainable parameter (a flat vector in ``named_parameters()`` order), e.g. the
+            parameters at initialisation; the scatter term is ``(θ* − μ)ᵀ P (θ* − μ)``.
     """
 
     def __init__(
@@ -115,6 +118,7 @@ class Laplace:
         factor_rank: int | None = None,
         subset_of_weights: SubsetOfWeights | str = SubsetOfWeights.ALL,
         predictive_subset_of_weights: SubsetOfWeights | str = SubsetOfWeights.ALL,
+        prior_mean: float | Tensor = 0.0,
     ):
         self.model = model
         self.likelihood = coerce(Likelihood, likelihood, "likelihood")
@@ -164,6 +168,7 @@ class Laplace:
         self.loss: Tensor | None = None
         self._mean: Tensor | None = None
         self._mean_sq: tuple[Tensor, Tensor] | None = None
+        self.prior_mean = prior_mean
         self.predictive_subset_of_weights = predictive_subset_of_weights
 
     # ----------------------------------------------------------------- subsets of weights
@@ -224,6 +229,8 @@ class Laplace:
         if self._mean is not None:
             out._mean = self._mean[flat_index(self.sizes, indices, self._mean.device)]
         out._mean_sq = None
+        if isinstance(self._prior_mean, Tensor):
+            out._prior_mean = self._prior_mean[flat_index(self.sizes, indices, self.device)]
         out._predictive_subset = SubsetOfWeights.ALL
         out._predictive_indices = list(range(len(indices)))
         return out
@@ -291,9 +298,26 @@ class Laplace:
         return self._prior.per_parameter()
 
     @property
-    def prior_mean(self) -> float:
-        """The prior is zero-mean (laplace-torch's ``prior_mean``)."""
-        return 0.0
+    def prior_mean(self) -> float | Tensor:
+        """The prior's mean ``μ``: a float (every parameter) or a flat vector over the trainable
+        parameters (laplace-torch's ``prior_mean``)."""
+        return self._prior_mean
+
+    @prior_mean.setter
+    def prior_mean(self, value: float | Tensor) -> None:
+        if isinstance(value, Tensor) and value.numel() > 1:
+            mu = value.detach().to(self.device, self.dtype).reshape(-1)
+            if mu.numel() != self.n_params:
+                raise ValueError(
+                    f"prior_mean has {mu.numel()} entries; give a float or one value per "
+                    f"trainable parameter ({self.n_params})."
+                )
+        else:
+            mu = float(value)
+        if not (torch.isfinite(mu).all() if isinstance(mu, Tensor) else math.isfinite(mu)):
+            raise ValueError("prior_mean must be finite.")
+        self._prior_mean = mu
+        self._mean_sq = None
 
     @property
     def sigma_noise(self) -> Tensor:
@@ -443,19 +467,19 @@ class Laplace:
         return ll
 
     def _scatter(self, prior: Prior) -> Tensor:
-        """``θ*ᵀ P θ*``, with the squared norms of the fitted mean computed once per fit (the
-        hyper-steps evaluate it a hundred times at the same mean)."""
-        chunks = list(torch.split(self.mean, self.sizes))
+        """``(θ* − μ)ᵀ P (θ* − μ)``, with the squared norms of the fitted mean's offsets computed
+        once per fit (the hyper-steps evaluate it a hundred times at the same mean)."""
         if not prior.isotropic_per_tensor:
-            return prior.quadratic(chunks)
+            return prior.quadratic(list(torch.split(self.mean - self._prior_mean, self.sizes)))
         if self._mean_sq is None or self._mean_sq[0] is not self.mean:
+            chunks = torch.split(self.mean - self._prior_mean, self.sizes)
             self._mean_sq = (self.mean, torch.stack([(c * c).sum() for c in chunks]))
         return prior.weighted(self._mean_sq[1])
 
     # ----------------------------------------------------------------- laplace-torch's terms
     @property
     def scatter(self) -> Tensor:
-        """``θ*ᵀ P θ*`` at the stored prior precision."""
+        """``(θ* − μ)ᵀ P (θ* − μ)`` at the stored prior precision."""
         return self._scatter(self._prior)
 
     @property
@@ -675,6 +699,11 @@ class Laplace:
             "kfac_approx": self.kfac_approx.value,
             "param_names": list(self.param_names),
             "subset_of_weights": self.subset_of_weights.value,
+            "prior_mean": (
+                self._prior_mean.clone()
+                if isinstance(self._prior_mean, Tensor)
+                else torch.tensor(self._prior_mean)
+            ),
             "predictive_subset_of_weights": self.predictive_subset_of_weights.value,
             "prior_precision": self.prior_precision.clone(),
             "predictive_prior_precision": (
@@ -707,6 +736,7 @@ class Laplace:
         self.prior_precision = sd["prior_precision"]
         self.predictive_prior_precision = sd.get("predictive_prior_precision")
         self.predictive_subset_of_weights = sd.get("predictive_subset_of_weights", "all")
+        self.prior_mean = sd.get("prior_mean", 0.0)
         self.sigma_noise = sd["sigma_noise"]
         self.n_data, self.n_outputs = sd["n_data"], sd["n_outputs"]
         self.loss = sd["loss"].to(self.dtype)

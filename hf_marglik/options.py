@@ -145,6 +145,17 @@ class CurvatureSource(str, Enum):
     ``k``-th step (``marglik_budget``)."""
 
 
+class PriorMean(str, Enum):
+    """Where the trainers' Gaussian prior over the trainable tensors is centred."""
+
+    ZERO = "zero"
+    """``μ = 0`` (laplace-torch's and Immer et al.'s)."""
+    INIT = "init"
+    """``μ = θ₀``, the trainable parameters when training starts (LoRA A's random
+    initialisation, LoRA B's zeros, a new head's initialisation): the prior then pulls the
+    update ``θ − θ₀`` to 0, not LoRA A itself. Saved in the checkpoints and the posterior."""
+
+
 class PredictivePrior(str, Enum):
     """The prior precision of a trainer's posterior predictive (``trainer.laplace(...)``)."""
 

@@ -55,6 +55,7 @@ from .options import (
     HessianStructure,
     Likelihood,
     PredictivePrior,
+    PriorMean,
     PriorStructure,
     SubsetSampling,
 )
@@ -280,6 +281,8 @@ class MargLikTrainerMixin:
             device=self._params[0].device,
             dtype=self._params[0].dtype,
         )
+        if a.prior_mean == PriorMean.INIT:
+            hyper.centre_prior_at(self._params)  # a resumed run loads the saved centre instead
         self.marglik_loop = MargLikLoop(
             self._params, hyper, a.n_hypersteps, restore_best=a.restore_best_marglik
         )
@@ -522,7 +525,12 @@ class MargLikTrainerMixin:
             n_mc_samples=a.n_mc_samples,
             factor_rank=a.factor_rank,
             predictive_subset_of_weights=a.predictive_subset_of_weights,
+            prior_mean=self._prior_mean(),
         )
+
+    def _prior_mean(self):
+        hyper = None if self.marglik_loop is None else self.marglik_loop.hyper
+        return 0.0 if hyper is None or hyper.prior_mean is None else hyper.prior_mean
 
     def _data_pass_loader(self, dataset):
         """``get_test_dataloader`` without accelerate's even-batches padding, which in a
@@ -732,6 +740,13 @@ class MargLikTrainerMixin:
     def _load_state(self, checkpoint: str) -> None:
         sd = self._read_state(checkpoint)
         self.marglik_loop.load_state_dict(sd["loop"])
+        saved_init = self.marglik_loop.hyper.prior_mean is not None
+        if saved_init != (self.args.prior_mean == PriorMean.INIT):
+            raise ValueError(
+                f"{checkpoint} was trained with prior_mean="
+                f"{'init' if saved_init else 'zero'!r}, this run has "
+                f"prior_mean={self.args.prior_mean.value!r}: resume with the checkpoint's setting."
+            )
         if self.args.process_index == 0:  # the epoch's running sums, over all processes
             self._epoch_loss, self._epoch_items = sd["epoch_loss"], sd["epoch_items"]
         if self._curvature_subset is not None and sd.get("subset_scores") is not None:

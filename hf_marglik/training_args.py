@@ -23,6 +23,7 @@ from .options import (
     LinkApprox,
     PredictivePrior,
     PredType,
+    PriorMean,
     PriorStructure,
     SubsetOfWeights,
     SubsetSampling,
@@ -77,6 +78,9 @@ class MargLikArguments:
         prior_structure: ``"scalar"``, ``"layerwise"`` (one precision per trainable tensor,
             default) or ``"diag"`` (one per parameter).
         prior_prec_init, sigma_noise_init: initial prior precision and observation noise.
+        prior_mean: ``"zero"`` (default, laplace-torch's) or ``"init"``: centre the prior at the
+            trainable parameters when training starts, so that it pulls the update, not LoRA
+            A's random initialisation, to zero (saved in checkpoints and the posterior).
         temperature: likelihood temperature (laplace-torch's convention).
         fix_sigma_noise: keep the observation noise at ``sigma_noise_init`` (regression).
         lr_hyp: Adam step size on the log hyperparameters.
@@ -158,6 +162,14 @@ class MargLikArguments:
         metadata={"help": "Estimate the marginal likelihood after every n-th epoch."},
     )
     prior_prec_init: float = field(default=1.0, metadata={"help": "Initial prior precision."})
+    prior_mean: str = field(
+        default="zero",
+        metadata={
+            "help": "Centre of the prior: 'zero' or 'init' (the trainable parameters when "
+            "training starts: the prior then pulls the update, not LoRA A's init, to zero).",
+            "choices": ["zero", "init"],
+        },
+    )
     sigma_noise_init: float = field(
         default=1.0, metadata={"help": "Initial observation noise (regression)."}
     )
@@ -296,6 +308,7 @@ class MargLikArguments:
         super().__post_init__()
         self.pred_type = coerce(PredType, self.pred_type, "pred_type")
         self.predictive_prior = coerce(PredictivePrior, self.predictive_prior, "predictive_prior")
+        self.prior_mean = coerce(PriorMean, self.prior_mean, "prior_mean")
         self.predictive_subset_of_weights = coerce(
             SubsetOfWeights, self.predictive_subset_of_weights, "predictive_subset_of_weights"
         )
