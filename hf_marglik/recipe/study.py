@@ -418,6 +418,11 @@ ARMS: dict[str, Arm] = {
     "grid": GridArm("grid", "plain fine-tuning, weight decay chosen by validation NLL"),
     **marglik_arms("marglik", (), "--marglik (learned prior)"),
     **marglik_arms(
+        "marglik_init",
+        ("--prior_mean", "init"),
+        "--marglik, the prior centred at the initialisation",
+    ),
+    **marglik_arms(
         "marglik_exact",
         ("--backend", "ggn", "--marglik_curvature", "fit"),
         "--marglik, exact GGN from a pass at every update",
@@ -475,6 +480,9 @@ LABELS = {
     "marglik_map": "marglik MAP",
     "marglik_laplace": "marglik Laplace",
     "marglik_laplace_learned": "marglik Laplace, learned prior",
+    "marglik_init_map": "marglik MAP, prior at θ₀",
+    "marglik_init_laplace": "marglik Laplace, prior at θ₀",
+    "marglik_init_laplace_learned": "marglik Laplace, prior at θ₀, learned prior",
     "marglik_exact_map": "marglik exact-fit MAP",
     "marglik_exact_laplace": "marglik exact-fit Laplace",
     "marglik_exact_laplace_learned": "marglik exact-fit Laplace, learned prior",
@@ -948,7 +956,7 @@ def aggregate_cell(study: Study, cell: Cell) -> dict:
         paired["marglik_map - grid"] = _paired(arms["marglik_map"], arms["grid"])
     if "marglik_map" in arms:  # a predictive against the MAP it comes from
         for name in arms:
-            if name.startswith("marglik_laplace"):
+            if name.startswith("marglik_laplace") or name == "marglik_init_map":
                 paired[f"{name} - marglik_map"] = _paired(arms[name], arms["marglik_map"])
     target = TARGETS[cell.regime.target](arms, paired)
     return {
