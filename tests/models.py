@@ -66,6 +66,22 @@ def mlp_classification(
     return model, batches
 
 
+def mlp_peer_loader(likelihood: str = "classification", batch_size: int = 5):
+    """An MLP and its data as one ``DataLoader`` of ``(x, y)`` for comparisons with
+    laplace-torch (which has no ignore_index: the -100 label becomes 0): ``(model, loader,
+    batches)``."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    if likelihood == "classification":
+        model, batches = mlp_classification()
+        batches[1][1][2] = 0
+    else:
+        model, batches = mlp_regression()
+    X = torch.cat([b[0] for b in batches])
+    Y = torch.cat([b[1] for b in batches])
+    return model, DataLoader(TensorDataset(X, Y), batch_size=batch_size), batches
+
+
 def mlp_regression(
     n_batches: int = 2, batch: int = 5, d_in: int = 3, d_out: int = 2, seed: int = 0
 ):

@@ -40,7 +40,6 @@ import pytest
 import references as R
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from hf_marglik import Laplace
 
@@ -49,15 +48,7 @@ SIGMA = 0.8  # regression noise
 # ------------------------------------------------------------------------- laplace-torch
 
 
-def _mlp_loader(lik):
-    if lik == "classification":
-        model, batches = M.mlp_classification()
-        batches[1][1][2] = 0  # laplace-torch has no ignore_index
-    else:
-        model, batches = M.mlp_regression()
-    X = torch.cat([b[0] for b in batches])
-    Y = torch.cat([b[1] for b in batches])
-    return model, DataLoader(TensorDataset(X, Y), batch_size=5), batches
+_mlp_loader = M.mlp_peer_loader  # laplace-torch has no ignore_index
 
 
 def _prior(model, kind):

@@ -13,7 +13,6 @@ import pytest
 import references as R
 import torch
 from laplace.curvature import AsdlGGN
-from torch.utils.data import DataLoader, TensorDataset
 
 from hf_marglik import Laplace
 
@@ -23,14 +22,8 @@ STRUCTURES = ["kron", "full", "diag"]
 
 
 def _pair(structure, lik="classification", prior=None):
-    if lik == "classification":
-        model, batches = M.mlp_classification()
-        batches[1][1][2] = 0  # laplace-torch has no ignore_index
-    else:
-        model, batches = M.mlp_regression()
+    model, loader, batches = M.mlp_peer_loader(lik)  # laplace-torch has no ignore_index
     X = torch.cat([b[0] for b in batches])
-    Y = torch.cat([b[1] for b in batches])
-    loader = DataLoader(TensorDataset(X, Y), batch_size=5)
     n_layers = len(R.trainable(model))
     prior = torch.linspace(0.6, 1.7, n_layers, dtype=torch.float64) if prior is None else prior
     kw = {"sigma_noise": SIGMA} if lik == "regression" else {}

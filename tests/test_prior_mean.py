@@ -18,17 +18,12 @@ import references as R
 import torch
 from laplace.curvature import AsdlGGN
 from test_trainer import MLP, _args, _mlp_data, _mlp_trainer
-from torch.utils.data import DataLoader, TensorDataset
 
 from hf_marglik import Laplace, MargLikTrainer
 
 
 def _mlp_pair(structure):
-    model, batches = M.mlp_classification()
-    batches[1][1][2] = 0  # laplace-torch has no ignore_index
-    X = torch.cat([b[0] for b in batches])
-    Y = torch.cat([b[1] for b in batches])
-    loader = DataLoader(TensorDataset(X, Y), batch_size=5)
+    model, loader, _ = M.mlp_peer_loader()
     n = sum(p.numel() for p in model.parameters())
     mu = torch.linspace(-0.3, 0.4, n, dtype=torch.float64)
     prior = torch.linspace(0.6, 1.7, 4, dtype=torch.float64)

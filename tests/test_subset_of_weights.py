@@ -24,15 +24,10 @@ STRUCTURES = ["kron", "full", "diag"]
 
 
 def _data(lik="classification"):
-    if lik == "classification":
-        model, batches = M.mlp_classification()
-        batches[1][1][2] = 0  # laplace-torch has no ignore_index
-    else:
-        model, batches = M.mlp_regression()
-    X = torch.cat([b[0] for b in batches])
-    Y = torch.cat([b[1] for b in batches])
+    model, loader, batches = M.mlp_peer_loader(lik)
+    X = batches[0][0]
     xt = torch.randn(6, X.shape[1], generator=torch.Generator().manual_seed(7), dtype=X.dtype)
-    return model, DataLoader(TensorDataset(X, Y), batch_size=5), xt
+    return model, loader, xt
 
 
 def _layerwise(n):
