@@ -11,7 +11,7 @@ cumulative time of the functions that make up each phase:
 - curvature pass: ``fit_curvature`` (a pass over the training data);
 - eigendecompositions: ``Curvature.posterior`` (the factors' ``eigh``);
 - hyper-steps: ``HyperOptimizer.step``;
-- predictive prior: ``Laplace.optimize_prior_precision`` (validation Jacobians + grid);
+- predictive prior: ``tune_predictive_prior`` (validation Jacobians + grid);
 - test predictive: ``laplace_test_probs`` (test Jacobians, both priors);
 - total: the whole ``run``.
 
@@ -36,7 +36,7 @@ PHASES = {
     "curvature pass": ("hf_marglik/curvature.py", "fit_curvature"),
     "eigendecompositions": ("hf_marglik/curvature.py", "posterior"),
     "hyper-steps": ("hf_marglik/hyper.py", "step"),
-    "predictive prior": ("hf_marglik/laplace.py", "optimize_prior_precision"),
+    "predictive prior": ("hf_marglik/tuning.py", "tune_predictive_prior"),
     "test predictive": ("hf_marglik/recipe/run.py", "laplace_test_probs"),
 }
 INSIDE_TRAIN = (
