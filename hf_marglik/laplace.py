@@ -1,11 +1,11 @@
 """The Laplace approximation over the trainable parameters, and its log marginal likelihood.
 
 With ``H`` the GGN/Fisher of the summed negative log likelihood at unit noise, ``P`` the prior
-precision (a zero-mean Gaussian prior), ``f = 1 / (σ² T)`` (σ the observation noise, regression
+precision (a Gaussian prior centred at ``μ = prior_mean``, 0 by default), ``f = 1 / (σ² T)`` (σ the observation noise, regression
 only; T the temperature) and ``θ*`` the trainable parameters at the MAP (Immer et al., ICML 2021;
 laplace-torch's conventions)::
 
-    log p(D) ≈ −f·L(θ*) − c − ½ (log det(f·H + P) − log det P + θ*ᵀ P θ*)
+    log p(D) ≈ −f·L(θ*) − c − ½ (log det(f·H + P) − log det P + (θ* − μ)ᵀ P (θ* − μ))
 
 where ``L`` is the summed loss (cross-entropy, or ``½‖f − y‖²`` for regression) and
 ``c = N·K·log(σ√(2π))`` for regression (0 otherwise). For K-FAC blocks ``B ⊗ A`` with an
