@@ -1,9 +1,9 @@
 """The Laplace approximation over the trainable parameters, and its log marginal likelihood.
 
 With ``H`` the GGN/Fisher of the summed negative log likelihood at unit noise, ``P`` the prior
-precision (a Gaussian prior centred at ``μ = prior_mean``, 0 by default), ``f = 1 / (σ² T)`` (σ the observation noise, regression
-only; T the temperature) and ``θ*`` the trainable parameters at the MAP (Immer et al., ICML 2021;
-laplace-torch's conventions)::
+precision (a Gaussian prior centred at ``μ = prior_mean``, 0 by default), ``f = 1 / (σ² T)``
+(σ the observation noise, regression only; T the temperature) and ``θ*`` the trainable
+parameters at the MAP (Immer et al., ICML 2021; laplace-torch's conventions)::
 
     log p(D) ≈ −f·L(θ*) − c − ½ (log det(f·H + P) − log det P + (θ* − μ)ᵀ P (θ* − μ))
 
@@ -181,10 +181,13 @@ class Laplace:
     @predictive_subset_of_weights.setter
     def predictive_subset_of_weights(self, value: SubsetOfWeights | str) -> None:
         value = coerce(SubsetOfWeights, value, "predictive_subset_of_weights")
-        self._predictive_indices = select_parameters(
-            list(zip(self.param_names, self.params)), value
-        )
+        indices = select_parameters(list(zip(self.param_names, self.params)), value)
+        self._predictive_indices = indices
         self._predictive_subset = value
+        # the layers of the predictive's tensors, found once (not per predictive batch)
+        self._predictive_sites = (
+            self.sites if len(indices) == len(self.params) else self._sites_of(indices)
+        )
 
     def restricted_to(self, subset_of_weights: SubsetOfWeights | str) -> Laplace:
         """This Laplace over the tensors ``subset_of_weights`` selects only, the others fixed at
@@ -193,18 +196,18 @@ class Laplace:
         ``Laplace(..., subset_of_weights=...)`` at the same parameters (for every structure:
         K-FAC and the diagonal are block-diagonal, ``full`` keeps the sub-matrix). The blocks are
         shared, not copied; the restriction's predictive is over all its tensors."""
-        indices = select_parameters(
-            list(zip(self.param_names, self.params)),
-            coerce(SubsetOfWeights, subset_of_weights, "subset_of_weights"),
-        )
-        return self._restricted(indices, subset_of_weights)
+        subset = coerce(SubsetOfWeights, subset_of_weights, "subset_of_weights")
+        indices = select_parameters(list(zip(self.param_names, self.params)), subset)
+        return self._restricted(indices, subset, self._sites_of(indices))
 
     def predictive_view(self) -> Laplace:
         """The Laplace the predictive uses: ``self``, or :meth:`restricted_to` the
         ``predictive_subset_of_weights``."""
         if len(self._predictive_indices) == len(self.params):
             return self
-        return self._restricted(self._predictive_indices, self._predictive_subset)
+        return self._restricted(
+            self._predictive_indices, self._predictive_subset, self._predictive_sites
+        )
 
     def predictive_prior_of(self, prior: Prior) -> Prior:
         """A prior over this Laplace's tensors restricted to the predictive's tensors."""
@@ -212,14 +215,17 @@ class Laplace:
             return prior
         return prior.subset(self._predictive_indices)
 
-    def _restricted(self, indices: list[int], subset) -> Laplace:
+    def _sites_of(self, indices: list[int]):
+        return linear_sites(self.model, [(self.param_names[i], self.params[i]) for i in indices])
+
+    def _restricted(self, indices: list[int], subset: SubsetOfWeights, sites) -> Laplace:
         out = object.__new__(Laplace)
         out.__dict__.update(self.__dict__)
-        out.subset_of_weights = coerce(SubsetOfWeights, subset, "subset_of_weights")
+        out.subset_of_weights = subset
         out.param_names = [self.param_names[i] for i in indices]
         out.params = [self.params[i] for i in indices]
         out.sizes = [self.sizes[i] for i in indices]
-        out.sites = linear_sites(self.model, list(zip(out.param_names, out.params)))
+        out.sites = sites
         out._prior = self._prior.subset(indices)
         out._predictive_prior = (
             None if self._predictive_prior is None else self._predictive_prior.subset(indices)
@@ -233,6 +239,7 @@ class Laplace:
             out._prior_mean = self._prior_mean[flat_index(self.sizes, indices, self.device)]
         out._predictive_subset = SubsetOfWeights.ALL
         out._predictive_indices = list(range(len(indices)))
+        out._predictive_sites = sites
         return out
 
     # ----------------------------------------------------------------- hyperparameters
