@@ -51,6 +51,28 @@ def _softmax_hessian_root(p: Tensor) -> list[Tensor]:
     return [S[..., k].to(p.dtype) for k in range(C - 1)]
 
 
+SAMPLE_CHUNK = 1 << 22
+"""Probabilities per chunk of rows in :func:`sample_categorical` (32 MiB of float64 CDF)."""
+
+
+def sample_categorical(p: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """One class per row of ``p`` (``(n, C)``, rows summing to about 1), drawn by inverting the
+    float64 CDF at a uniform draw: the exact categorical distribution up to float64 rounding,
+    and a zero-probability class is never drawn. ``torch.multinomial`` did the same at about 10×
+    the cost for a vocabulary (0.47 s for 512 tokens × 49,152 on 2 CPU threads, against 0.04 s:
+    BENCHMARKS.md). Rows are taken in chunks of :data:`SAMPLE_CHUNK` probabilities, so the CDF
+    never holds more than one chunk."""
+    n, C = p.shape
+    u = torch.rand(n, 1, generator=generator, dtype=torch.float64, device=p.device)
+    out = torch.empty(n, 1, dtype=torch.long, device=p.device)
+    step = max(1, SAMPLE_CHUNK // max(C, 1))
+    for i in range(0, n, step):
+        cdf = p[i : i + step].double().cumsum(-1)
+        draw = u[i : i + step] * cdf[:, -1:]
+        out[i : i + step] = torch.searchsorted(cdf, draw, right=True).clamp_max_(C - 1)
+    return out
+
+
 def loss_columns(
     t: Targets, backend: Backend, n_samples: int = 1, generator: torch.Generator | None = None
 ) -> Iterator[Tensor]:
@@ -72,7 +94,7 @@ def loss_columns(
             flat = p.reshape(-1, p.shape[-1])
             weight = m / math.sqrt(n_samples)
             for i in range(n_samples):
-                y = torch.multinomial(flat, 1, generator=generator).reshape(*p.shape[:-1], 1)
+                y = sample_categorical(flat, generator).reshape(*p.shape[:-1], 1)
                 # p − e_ŷ built in place (no one-hot of the vocabulary); the last sample reuses p
                 s = p if i == n_samples - 1 else p.clone()
                 s.scatter_add_(-1, y, torch.full(y.shape, -1.0, dtype=p.dtype, device=p.device))

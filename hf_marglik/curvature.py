@@ -115,13 +115,22 @@ class Recorder:
 
     def __init__(self, sites: list[LinearSite], dtype: torch.dtype):
         self.sites, self.dtype = sites, dtype
-        self._cxt = None
+        self._cxt, self.batched = None, False
         self._start_forward(None)
         self._start_backward(None)
 
     @contextlib.contextmanager
-    def recording(self, model: nn.Module):
-        """Record inputs and output gradients of the sites (ASDL hooks) inside the block."""
+    def recording(self, model: nn.Module, batched: bool = False):
+        """Record inputs and output gradients of the sites (ASDL hooks) inside the block.
+
+        ``batched``: record the sites' inputs and outputs with plain forward hooks instead, for
+        :meth:`batched_output_grads` (ASDL's backward hooks cannot run under ``vmap``); the
+        one-at-a-time :meth:`backward` is then not available. Not with gradient checkpointing
+        (a re-run forward would be recorded as a new pass)."""
+        if batched:
+            with self._recording_outputs(model):
+                yield self
+            return
         with warnings.catch_warnings():
             # ASDL registers module backward hooks of the pre-full kind (and so does the Recorder,
             # to run after them); their grad_output (all that is read here) is correct, the
@@ -141,11 +150,69 @@ class Recorder:
                         h.remove()
                     self._cxt = None
 
+    @contextlib.contextmanager
+    def _recording_outputs(self, model: nn.Module):
+        handles = [
+            s.module.register_forward_hook(partial(self._took_output, i))
+            for i, s in enumerate(self.sites)
+        ]
+        self.model, self.batched = model, True
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            self.batched = False
+
+    def _took_output(self, i: int, module: nn.Module, args, output) -> None:
+        if not self._in_forward:
+            return
+        self._calls[i] += 1
+        if self._calls[i] > 1:
+            raise ValueError(
+                f"Layer {self.sites[i].name!r} was called {self._calls[i]} times in one forward "
+                "pass; weight sharing across calls is not supported by hf_marglik's curvature."
+            )
+        a = args[0].detach()
+        self._shapes[i], self._outputs[i] = a.shape, output
+        if self._on_input is not None:
+            self._on_input(i, a)
+        else:
+            self._inputs[i] = a
+
+    def batched_output_grads(self, root: Tensor, columns: Tensor, retain_graph: bool) -> list[Tensor]:
+        """The output gradients ``(K, *batch, d_out)`` of every site for ``K`` vectors
+        backpropagated from ``root`` at once (``columns`` shaped ``(K, *root.shape)``; one
+        ``vmap``-ed backward pass, ``is_grads_batched``). Needs ``recording(batched=True)``."""
+        if not self.batched:
+            raise RuntimeError("batched_output_grads needs recording(model, batched=True).")
+        self._end_forward()
+        one = columns.shape[0] == 1  # a plain backward pass: no vmap
+        grads = torch.autograd.grad(
+            root,
+            self._outputs,
+            grad_outputs=columns[0] if one else columns,
+            retain_graph=retain_graph,
+            allow_unused=True,
+            is_grads_batched=not one,
+        )
+        if one:
+            grads = tuple(None if g is None else g.unsqueeze(0) for g in grads)
+        out = []
+        for s, g in zip(self.sites, grads):
+            if g is None:
+                raise RuntimeError(f"Layer {s.name!r} saw no backward pass.")
+            out.append(g.to(self.dtype))
+        if not retain_graph:
+            self._outputs = [None] * len(self.sites)
+        return out
+
     def _start_forward(self, on_input) -> None:
         self._on_input, self._in_forward = on_input, True
         self._calls = [0] * len(self.sites)
         self._shapes: list[torch.Size | None] = [None] * len(self.sites)
         self._inputs: list[Tensor | None] = [None] * len(self.sites)
+        self._outputs: list[Tensor | None] = [None] * len(self.sites)
 
     def _end_forward(self) -> None:
         if not self._in_forward:
@@ -689,6 +756,12 @@ class CurvatureSettings:
     dict_key_y: str
     n_mc_samples: int = 1
     factor_rank: int | None = None
+    batch_columns: bool = False
+
+
+MAX_BATCHED_COLUMNS = 16
+"""Columns backpropagated together in one ``vmap``-ed backward pass (:func:`batches_columns`):
+the pass's activation gradients take this many times a single backward's memory."""
 
 
 def fit_curvature(
@@ -721,7 +794,8 @@ def fit_curvature(
     grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
     try:
         rec = Recorder(sites, dtype)
-        with pass_modes(model), rec.recording(model):
+        batched = batches_columns(model, settings)
+        with pass_modes(model), rec.recording(model, batched=batched):
             for batch in tqdm(loader, desc="Curvature fit", disable=not progress_bar, delay=2):
                 w = None if example_weights is None else example_weights(batch)
                 n, k = _fit_batch(rec, curv, batch, params, settings, generator, loss, w, device)
@@ -778,6 +852,9 @@ def _fit_batch(rec, curv, batch, params, settings, generator, loss, w, device):
             # independently per token have none in expectation and go all at once)
             cols = per_position(cols, t.mask)
         root = None if wp is None else wp.sqrt().unsqueeze(-1)
+        if rec.batched:
+            _backward_batched(rec, curv, t, cols, root, acts, mask)
+            cols = ()
         for s, last in _with_last(cols):  # one column at a time (the last frees the graph)
             s = s if root is None else s * root.to(s.dtype)
             with rec.backward(curv.add_output_grad if kron else None):
@@ -792,6 +869,38 @@ def _fit_batch(rec, curv, batch, params, settings, generator, loss, w, device):
                 curv.add(acts, rec.output_grads(acts), mask)
     n = t.n_data if wp is None else float((wp * t.mask).sum())
     return n, int(logits.shape[-1])
+
+
+def batches_columns(model: nn.Module, settings: CurvatureSettings) -> bool:
+    """Whether a pass backpropagates its loss-Hessian columns in batches
+    (:data:`MAX_BATCHED_COLUMNS` at a time, one ``vmap``-ed backward each) rather than one by one:
+    when ``settings.batch_columns`` is on, a batch has more than one column (the exact GGN, or
+    several Monte-Carlo samples) and the model does not train with gradient checkpointing
+    (a checkpointed layer re-runs its forward inside the backward, which ``vmap`` would batch
+    too; one column at a time keeps a fit's memory at a training step's)."""
+    several = settings.backend == Backend.GGN or (
+        settings.backend == Backend.GGN_MC and settings.n_mc_samples > 1
+    )
+    return settings.batch_columns and several and not checkpointing_layers(model)
+
+
+def _backward_batched(rec, curv, t, cols, root, acts, mask) -> None:
+    """Backpropagate ``cols`` :data:`MAX_BATCHED_COLUMNS` at a time and add their curvature."""
+    kron = curv.structure == HessianStructure.KRON
+    chunk: list[Tensor] = []
+    for s, last in _with_last(cols):
+        chunk.append(s if root is None else s * root.to(s.dtype))
+        if len(chunk) < MAX_BATCHED_COLUMNS and not last:
+            continue
+        S = torch.stack(chunk).to(t.logits.dtype)
+        grads = rec.batched_output_grads(t.logits, S, retain_graph=not last)
+        if kron:  # the K columns are K more examples of each factor's sum
+            for i, g in enumerate(grads):
+                curv.add_output_grad(i, g.flatten(0, 1))
+        else:
+            for k in range(S.shape[0]):
+                curv.add(acts, [g[k] for g in grads], mask)
+        chunk = []
 
 
 def _with_last(items):
@@ -840,13 +949,17 @@ def output_jacobians(
     dict_key_x: str,
     dtype: torch.dtype,
     max_outputs: int,
+    batch_columns: bool = False,
 ) -> tuple[Tensor, list[Tensor]]:
     """The outputs ``(n, k)`` of ``model`` on ``inputs`` (in eval mode, with the model's
     gradient checkpointing: :func:`pass_modes`) and, per trainable tensor, the Jacobian of the
     outputs in it, ``(n·k, numel)`` with rows ordered example-major: one backward pass per
-    output, per-example gradients from the recorded layer inputs and output gradients."""
+    output (``vmap``-ed, :data:`MAX_BATCHED_COLUMNS` outputs at a time, with ``batch_columns``
+    and no gradient checkpointing), per-example gradients from the recorded layer inputs and
+    output gradients."""
     rec = Recorder(sites, dtype)
-    with pass_modes(model), rec.recording(model), torch.enable_grad():
+    batched = batch_columns and not checkpointing_layers(model)
+    with pass_modes(model), rec.recording(model, batched), torch.enable_grad():
         with rec.forward():
             logits = B.call_model(model, inputs, dict_key_x)
             if logits.ndim != 2:
@@ -862,7 +975,14 @@ def output_jacobians(
                 )
         acts = rec.inputs()
         rows: list[list[Tensor]] = []
-        for c in range(k):
+        for c0 in range(0, k, MAX_BATCHED_COLUMNS) if batched else ():
+            c1 = min(k, c0 + MAX_BATCHED_COLUMNS)
+            E = torch.zeros(c1 - c0, *logits.shape, dtype=logits.dtype, device=logits.device)
+            E[torch.arange(c1 - c0), :, torch.arange(c0, c1)] = 1.0
+            grads = rec.batched_output_grads(logits, E, retain_graph=c1 < k)
+            for j in range(c1 - c0):
+                rows.append(per_example_grads(sites, len(params), acts, [g[j] for g in grads]))
+        for c in range(k) if not batched else ():
             e = torch.zeros_like(logits)
             e[:, c] = 1.0
             with rec.backward():

@@ -97,6 +97,13 @@ class Laplace:
         prior_mean: the prior's mean ``μ`` (laplace-torch's): 0 (default), a float, or one value
             per trainable parameter (a flat vector in ``named_parameters()`` order), e.g. the
             parameters at initialisation; the scatter term is ``(θ* − μ)ᵀ P (θ* − μ)``.
+        batch_columns: backpropagate the exact GGN's loss-Hessian columns (and the GLM
+            predictive's per-output Jacobian rows) 16 at a time in one ``vmap``-ed backward
+            pass (``torch.autograd.grad(..., is_grads_batched=True)``) instead of one by one;
+            the same numbers (tested to rounding). Off by default: on CPU it costs 5–25% more
+            than the loop, because the work is in the backward's FLOPs, not its overhead
+            (BENCHMARKS.md, "Batched columns"); it may pay where a backward is launch-bound
+            (small batches on a GPU; not measured). Ignored with gradient checkpointing.
     """
 
     def __init__(
@@ -119,6 +126,8 @@ class Laplace:
         subset_of_weights: SubsetOfWeights | str = SubsetOfWeights.ALL,
         predictive_subset_of_weights: SubsetOfWeights | str = SubsetOfWeights.ALL,
         prior_mean: float | Tensor = 0.0,
+        *,
+        batch_columns: bool = False,
     ):
         self.model = model
         self.likelihood = coerce(Likelihood, likelihood, "likelihood")
@@ -144,6 +153,7 @@ class Laplace:
         self.dict_key_x, self.dict_key_y = dict_key_x, dict_key_y
         self.n_mc_samples, self.enable_backprop, self.seed = n_mc_samples, enable_backprop, seed
         self.temperature = float(temperature)
+        self.batch_columns = bool(batch_columns)
         self.subset_of_weights = coerce(SubsetOfWeights, subset_of_weights, "subset_of_weights")
         named = trainable_parameters(model)
         named = [named[i] for i in select_parameters(named, self.subset_of_weights)]
@@ -373,6 +383,7 @@ class Laplace:
             self.dict_key_y,
             self.n_mc_samples,
             self.factor_rank,
+            self.batch_columns,
         )
 
     def fit(
@@ -592,6 +603,7 @@ class Laplace:
             self.dict_key_x,
             self.dtype,
             MAX_GLM_OUTPUTS,
+            self.batch_columns,
         )
 
     def __call__(
@@ -760,6 +772,7 @@ class Laplace:
             "dict_key_x": self.dict_key_x,
             "dict_key_y": self.dict_key_y,
             "n_mc_samples": self.n_mc_samples,
+            "batch_columns": self.batch_columns,
         }
         save_torch(sd, path)
 
