@@ -483,7 +483,7 @@ def worker_kernels(cfg: dict) -> dict:
         t_fitb, _ = timed(lambda: Laplace(mini, "classification", batch_columns=True).fit(mini_b))
         t_jac, _ = timed(lambda lp=lap: [lp.output_jacobians(b) for b in mini_b])
         batched = Laplace(mini, "classification", batch_columns=True)
-        t_jacb, _ = timed(lambda: [batched.output_jacobians(b) for b in mini_b])
+        t_jacb, _ = timed(lambda lb=batched: [lb.output_jacobians(b) for b in mini_b])
         hyper = HyperOptimizer(sizes, "classification", "layerwise", lr_hyp=0.1)
         t_hyp, _ = timed(lambda h=hyper, lp=lap: h.step(lp, 100))
         t_lt, _ = timed(

@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         ratios.append(b["step"] / a["step"])
         plain_s.append(a["step"])
         marglik_s.append(b["step"])
+
         def mean(xs):
             return statistics.mean(xs) if xs else float("nan")
 

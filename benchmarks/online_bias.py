@@ -80,7 +80,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reuse", action="store_true")
     p.add_argument("--n_steps", type=int, default=300)
     args = p.parse_args(argv)
-    import torch
     from torch.utils.data import DataLoader
 
     from hf_marglik import Laplace

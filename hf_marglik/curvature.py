@@ -180,7 +180,9 @@ class Recorder:
         else:
             self._inputs[i] = a
 
-    def batched_output_grads(self, root: Tensor, columns: Tensor, retain_graph: bool) -> list[Tensor]:
+    def batched_output_grads(
+        self, root: Tensor, columns: Tensor, retain_graph: bool
+    ) -> list[Tensor]:
         """The output gradients ``(K, *batch, d_out)`` of every site for ``K`` vectors
         backpropagated from ``root`` at once (``columns`` shaped ``(K, *root.shape)``; one
         ``vmap``-ed backward pass, ``is_grads_batched``). Needs ``recording(batched=True)``."""

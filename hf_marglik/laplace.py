@@ -88,8 +88,9 @@ class Laplace:
             eigenpairs plus a two-moment tail (:mod:`hf_marglik.factors`); memory per
             factor ``d·(factor_rank + 10)`` instead of ``d²``. None (default): dense factors.
         subset_of_weights: ``"all"`` (default: every trainable tensor) or ``"last_layer"``
-            (the trained output layer only, the others fixed at the MAP; laplace-torch's
-            option, :class:`~hf_marglik.SubsetOfWeights`). A fitted Laplace over all tensors
+            (the trained output layer only, or without one the LoRA of the last adapted layer;
+            the others fixed at the MAP; laplace-torch's option,
+            :class:`~hf_marglik.SubsetOfWeights`). A fitted Laplace over all tensors
             gives the same last-layer posterior without a new fit: :meth:`restricted_to`.
         predictive_subset_of_weights: the tensors the predictive (``__call__``,
             ``predictive_samples``, ``optimize_prior_precision(method="gridsearch")``)

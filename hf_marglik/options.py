@@ -76,8 +76,11 @@ class SubsetOfWeights(str, Enum):
     LAST_LAYER = "last_layer"
     """The trainable tensors of the last module that has any, in ``named_modules()`` order:
     the classification head of a Hugging Face sequence classifier trained with
-    ``modules_to_save``, the last ``nn.Linear`` of an MLP. The other tensors stay at the MAP.
-    Refused where that module is a LoRA adapter (the model has no trained output layer)."""
+    ``modules_to_save``, the last ``nn.Linear`` of an MLP. Where that module is a LoRA adapter,
+    the adapters (``lora_A``, ``lora_B``) of the last adapted layer: Laplace-LoRA's last-layer
+    variant (the LoRA of the LM head when it has one; otherwise, say, the last ``v_proj``, so
+    that the predictive's Jacobians backpropagate through the last block only). The other
+    tensors stay at the MAP."""
 
 
 class SubsetSampling(str, Enum):

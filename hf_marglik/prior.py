@@ -38,18 +38,17 @@ def select_parameters(
 ) -> list[int]:
     """The indices into ``named`` (trainable ``(name, parameter)`` pairs in
     ``named_parameters()`` order) that ``subset_of_weights`` selects (:class:`SubsetOfWeights`).
-    ``"last_layer"``: the tensors of the module that owns the last trainable tensor."""
+    ``"last_layer"``: the tensors of the module that owns the last trainable tensor; where that
+    module is a LoRA adapter, every adapter tensor of the layer it adapts (``lora_A`` and
+    ``lora_B`` of, say, the last ``v_proj``: Laplace-LoRA's last-layer variant)."""
     subset = coerce(SubsetOfWeights, subset_of_weights, "subset_of_weights")
     if subset == SubsetOfWeights.ALL:
         return list(range(len(named)))
     owner = named[-1][0].rsplit(".", 1)[0]
     if ".lora_" in f".{owner}":
-        raise ValueError(
-            f"subset_of_weights='last_layer' needs a trained output layer, but the last "
-            f"trainable module of this model is the LoRA adapter {owner!r}. Train the head (peft "
-            "LoraConfig(modules_to_save=[...]); sequence classifiers do by default) or use "
-            "subset_of_weights='all'."
-        )
+        layer = f".{owner}".split(".lora_", 1)[0][1:]
+        prefix = f"{layer}.lora_" if layer else "lora_"
+        return [i for i, (n, _) in enumerate(named) if n.startswith(prefix)]
     return [i for i, (n, _) in enumerate(named) if n.rsplit(".", 1)[0] == owner]
 
 

@@ -61,7 +61,7 @@ from .options import (
 )
 from .parallel import check_parallelism
 from .preemption import SigtermCheckpointCallback
-from .prior import select_parameters, trainable_parameters
+from .prior import trainable_parameters
 from .subset import CurvatureSubset, select_examples, subset_size
 from .training_args import MargLikArguments
 from .tuning import tune_predictive_prior
@@ -182,7 +182,6 @@ class MargLikTrainerMixin:
             # older transformers divide the loss by the accumulation steps unless this is set
             self.model_accepts_loss_kwargs = True
         named = trainable_parameters(self.model)  # a clear error when nothing is trainable
-        select_parameters(named, self.args.predictive_subset_of_weights)  # a head to select?
         self._names, self._params = [n for n, _ in named], [p for _, p in named]
         self._check_inputs()  # before any work, so that scripts report them as bad input
         self.marglik_loop: MargLikLoop | None = None

@@ -108,8 +108,9 @@ class MargLikArguments:
             the learned values), stored as ``laplace.predictive_prior_precision`` and saved in
             the posterior file; the learned precisions stay the marginal likelihood's.
         predictive_subset_of_weights: the tensors the predictive marginalises over: ``"all"``
-            (default) or ``"last_layer"`` (the trained head only; the LoRA adapters stay at the
-            MAP; laplace-torch's ``subset_of_weights``). Training and the marginal likelihood
+            (default) or ``"last_layer"`` (the trained head only, the LoRA adapters staying at
+            the MAP; for a model without a trained head, the adapters of the last adapted layer:
+            Laplace-LoRA's last-layer variant; laplace-torch's ``subset_of_weights``). Training and the marginal likelihood
             are over all trainable tensors either way; saved with the posterior.
         pred_type: ``"glm"`` (linearised network, default) or ``"nn"`` (parameter samples).
         link_approx: ``"probit"`` (default) or ``"mc"`` for the glm predictive.
@@ -277,7 +278,8 @@ class MargLikArguments:
         default="all",
         metadata={
             "help": "Tensors the predictive marginalises over: 'all' or 'last_layer' (the "
-            "trained head; the adapters stay at the MAP). The marginal likelihood is over all.",
+            "trained head, or without one the LoRA adapters of the last adapted layer; the other "
+            "tensors stay at the MAP). The marginal likelihood is over all.",
             "choices": ["all", "last_layer"],
         },
     )

@@ -78,7 +78,9 @@ def test_batched_fit_equals_loop(name, structure, spy):
 def test_batched_full_fit_is_the_dense_ggn(name):
     lap, model, batches = _fit(name, "full", True)
     ref = R.dense_ggn(model, batches, CASES[name][1])
-    R.assert_close(_precision(lap) - 0.7 * torch.eye(ref.H.shape[0], dtype=torch.float64), ref.H, rtol=1e-10)
+    R.assert_close(
+        _precision(lap) - 0.7 * torch.eye(ref.H.shape[0], dtype=torch.float64), ref.H, rtol=1e-10
+    )
 
 
 def test_single_columns_and_small_chunks(monkeypatch, spy):
@@ -103,9 +105,7 @@ def test_monte_carlo_samples_batched(spy):
 @pytest.mark.parametrize("name", ["mlp-cls", "bert-cls"])
 def test_batched_glm_jacobians(name, spy):
     loop, model, batches = _fit(name, "kron", False)
-    batched = Laplace(
-        model, "classification", dict_key_x=CASES[name][2], batch_columns=True
-    )
+    batched = Laplace(model, "classification", dict_key_x=CASES[name][2], batch_columns=True)
     f0, J0 = loop.output_jacobians(batches[0])
     f1, J1 = batched.output_jacobians(batches[0])
     assert spy

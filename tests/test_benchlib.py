@@ -28,3 +28,26 @@ def test_replace_keeps_other_sections_and_appends_new_ones(tmp_path):
     assert path.read_text().endswith("## C\n\ngamma\n\n## D\n\ndelta\n")
     replace_section(tmp_path / "new.md", "## A", "## A\n\nx\n")
     assert (tmp_path / "new.md").read_text() == "# Benchmarks\n\n## A\n\nx\n"
+
+
+def test_ece_floor_is_the_expected_ece_of_a_calibrated_predictor():
+    """benchmarks/ece_floor.py: with every confidence 0.7 (one bin), the ECE against labels drawn
+    from the predictions is |Binomial(n, 0.7)/n − 0.7|; its exact mean is the floor."""
+    import math
+
+    import torch
+    from ece_floor import floor
+
+    n, p = 50, 0.7
+    probs = torch.tensor([[p, 1 - p]], dtype=torch.float64).expand(n, 2)
+    pmf = [math.comb(n, k) * p**k * (1 - p) ** (n - k) for k in range(n + 1)]
+    dev = [abs(k / n - p) for k in range(n + 1)]
+    mean = sum(w * d for w, d in zip(pmf, dev))
+    sd = math.sqrt(sum(w * d * d for w, d in zip(pmf, dev)) - mean**2)
+    draws = 2000
+    got, q95 = floor(probs, draws, torch.Generator().manual_seed(0))
+    assert abs(got - mean) < 5 * sd / math.sqrt(draws), (got, mean)
+    assert q95 > got
+    # a predictor that is always right with confidence 1 has no floor
+    sure = torch.tensor([[1.0, 0.0]], dtype=torch.float64).expand(n, 2)
+    assert floor(sure, 10, torch.Generator().manual_seed(0)) == (0.0, 0.0)

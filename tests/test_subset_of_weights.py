@@ -140,12 +140,63 @@ def test_predictive_subset_is_saved(tmp_path):
     assert Laplace.load(tmp_path / "ll.pt", model).param_names == ["2.weight", "2.bias"]
 
 
-def test_last_layer_refused_without_a_trained_head():
-    model = M.llama_lora_model()
-    with pytest.raises(ValueError, match="last trainable module of this model is the LoRA"):
-        Laplace(model, "causal_lm", subset_of_weights="last_layer")
+def _answer_token_model(layers: int = 3):
+    """A float64 answer-token classifier (the LM's logits at the last token, 4 class tokens) over
+    a random LoRA LLaMA without a trained head, with a few labelled dict batches."""
+    from hf_marglik.recipe.answer_token import AnswerTokenClassifier
+
+    model = AnswerTokenClassifier(M.llama_lora_model(layers=layers), [3, 5, 7, 11]).double()
+    batches = M._token_batches(vocab=16, n_batches=2, batch=3, seq=6, padded=True, seed=1)
+    g = torch.Generator().manual_seed(2)
+    for b in batches:
+        b["labels"] = torch.randint(0, 4, (3,), generator=g)
+    return model, batches
+
+
+def test_last_layer_of_a_lora_model_is_its_last_adapted_layer():
+    model = M.llama_lora_model(layers=2)
+    lap = Laplace(model, "causal_lm", subset_of_weights="last_layer")
+    assert [n.split("layers.", 1)[1] for n in lap.param_names] == [
+        "1.self_attn.v_proj.lora_A.default.weight",
+        "1.self_attn.v_proj.lora_B.default.weight",
+    ]
     with pytest.raises(ValueError, match="predictive_subset_of_weights.*not valid"):
         Laplace(model, "causal_lm", predictive_subset_of_weights="head")
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+def test_last_layer_predictive_of_a_lora_model_stops_at_the_last_block():
+    """Laplace-LoRA's last-layer variant: the predictive over the last adapted layer's LoRA
+    equals the restriction of the full fit (Jacobians: the full Jacobians' columns of those
+    tensors) and backpropagates through the last block only."""
+    model, batches = _answer_token_model()
+    lap = Laplace(
+        model, "classification", backend="ggn", prior_precision=_layerwise(12),
+        predictive_subset_of_weights="last_layer",
+    )  # fmt: skip
+    lap.fit(batches)
+    x = {k: v for k, v in batches[0].items() if k != "labels"}
+    view = lap.restricted_to("last_layer")
+    assert [n.split("layers.", 1)[1].split(".default")[0] for n in view.param_names] == [
+        "2.self_attn.v_proj.lora_A", "2.self_attn.v_proj.lora_B",
+    ]  # fmt: skip
+    R.assert_close(lap(x), view(x), what="glm probit")
+    _, every = lap.output_jacobians(x)
+    _, last = view.output_jacobians(x)
+    for got, want in zip(last, every[-2:]):
+        R.assert_close(got, want, what="Jacobian columns of the last layer")
+    # the backward stops at the last block: the first block sees no gradient
+    first = model.lm.get_base_model().model.layers[0]
+    seen = []
+    hook = first.register_full_backward_hook(lambda *a: seen.append(1))
+    try:
+        lap(x)
+        assert not seen, "the last-layer predictive backpropagated through the first block"
+        lap.predictive_subset_of_weights = "all"
+        lap(x)
+        assert seen, "the hook must see the all-tensor predictive's backward"
+    finally:
+        hook.remove()
 
 
 def test_last_layer_of_a_peft_classifier_is_its_head():

@@ -205,6 +205,10 @@ def test_saved_posterior_loads_beside_the_adapter_and_predicts_as_in_the_run(tmp
         assert report[f"laplace_{key}"] == pytest.approx(value, rel=1e-6, abs=1e-9), key
     for key in ("accuracy", "nll", "ece", "brier"):  # the adapter too: the MAP model's metrics
         assert report[key] == pytest.approx(metrics["test"][key], rel=1e-6, abs=1e-9), key
+    # the run's MAP metrics came from the GLM predictive's forward passes: evaluate()'s own
+    from hf_marglik.recipe.metrics import evaluate
+
+    assert evaluate(model, loader, "classification") == pytest.approx(metrics["test"], rel=1e-9)
 
     lap2.compress(rank=2)  # compressed, it saves smaller and loads as compressed
     blocks = lap2.posterior.blocks  # the head's shared output factor stays shared

@@ -68,20 +68,24 @@ def _trainer(cfg: RunConfig, model, datasets, collator, tokenizer=None):
         raise RecipeError(str(e)) from None
 
 
-def laplace_test_metrics(cfg: RunConfig, trainer, dataset) -> tuple[dict | None, dict | None]:
+def laplace_test_metrics(cfg: RunConfig, trainer, dataset) -> tuple[dict | None, ...]:
     """Accuracy, NLL, ECE, Brier of the Laplace predictive (``pred_type`` / ``link_approx`` of
     the training arguments) on the test split, for marglik runs with a classification
     likelihood: at the predictive's prior, and at the learned precisions when the predictive's
-    prior was tuned (else None)."""
+    prior was tuned (else None); and the MAP model's test metrics (as :func:`evaluate` gives
+    them) when the GLM predictive's forward passes gave its logits, else None."""
     lm = TASK_LIKELIHOOD[cfg.model.task] == "causal_lm"
     if not cfg.marglik or trainer.laplace is None or lm:
-        return None, None
+        return None, None, None
     from ..metrics import calibration_metrics
 
-    by_prior, labels = laplace_test_probs(cfg, trainer, trainer.get_test_dataloader(dataset))
+    meter = CalibrationMeter()
+    loader = trainer.get_test_dataloader(dataset)
+    by_prior, labels = laplace_test_probs(cfg, trainer, loader, map_meter=meter)
     keep = labels != -100
     metrics = {k: calibration_metrics(v[keep], labels[keep]) for k, v in by_prior.items()}
-    return metrics["predictive"], metrics.get("learned")
+    map_metrics = meter.compute() if meter.n else None
+    return metrics["predictive"], metrics.get("learned"), map_metrics
 
 
 @torch.no_grad()
@@ -102,13 +106,17 @@ def map_logits(model, loader) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(logits), torch.cat(labels)
 
 
-def laplace_test_probs(cfg: RunConfig, trainer, loader) -> tuple[dict, torch.Tensor]:
+def laplace_test_probs(
+    cfg: RunConfig, trainer, loader, map_meter: CalibrationMeter | None = None
+) -> tuple[dict, torch.Tensor]:
     """The Laplace predictive's class probabilities ``(n, K)`` (float64, CPU) over ``loader``, per
     prior: ``"predictive"`` (the predictive's prior: the tuned one with
     ``predictive_prior='gridsearch'``) and, when one was tuned, ``"learned"`` (the precisions
     the marginal likelihood learned); and the labels. For ``pred_type='glm'`` each batch's
     Jacobians are computed once and serve both priors (the same numbers as ``lap(batch, ...)``,
-    each prior with its own generator seeded with the training seed)."""
+    each prior with its own generator seeded with the training seed). For ``pred_type='glm'``
+    the Jacobians' forward passes are the MAP model's, in eval mode: their logits go to
+    ``map_meter`` batch by batch (the MAP's test metrics without another pass)."""
     from ..predictive import categorical, glm_covariance_fn, glm_jacobians
 
     a, lap = cfg.training, trainer.laplace
@@ -124,6 +132,8 @@ def laplace_test_probs(cfg: RunConfig, trainer, loader) -> tuple[dict, torch.Ten
         inputs = {k: v.to(lap.device) for k, v in batch.items() if k != "labels"}
         if glm:
             logits, jac = glm_jacobians(lap, inputs)
+            if map_meter is not None:
+                map_meter.update(logits.float(), batch["labels"].to(logits.device))
             covariance = glm_covariance_fn(lap, jac, *logits.shape, isotropic=isotropic)
             del jac  # K-FAC keeps only the rotated rows (one copy of the Jacobians)
         for name, prior in priors.items():
@@ -299,8 +309,11 @@ def run(cfg: RunConfig) -> dict:
         test_laplace_learned = learned["metrics"] if learned else None
         preds["class_names"] = data.class_names
     else:
-        test = evaluate(model, loader, "causal_lm" if lm else m.task)
-        test_laplace, test_laplace_learned = laplace_test_metrics(cfg, trainer, encoded["test"])
+        test_laplace, test_laplace_learned, test = laplace_test_metrics(
+            cfg, trainer, encoded["test"]
+        )
+        if test is None:  # no GLM predictive gave the MAP's logits
+            test = evaluate(model, loader, "causal_lm" if lm else m.task)
 
     results = {
         "mode": "marglik" if cfg.marglik else "plain",

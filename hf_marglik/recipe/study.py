@@ -443,13 +443,13 @@ ARMS: dict[str, Arm] = {
     "posthoc_laplace_last_layer": JobArm(
         "posthoc_laplace_last_layer",
         "plain MAP + last-layer K-FAC Laplace, prior tuned by the marginal likelihood "
-        "(laplace-torch's default post-hoc Laplace; needs a trained head)",
+        "(laplace-torch's default post-hoc Laplace; without a head: the last adapted layer's LoRA)",
         POSTHOC_LAPLACE,
         "last_layer_marglik",
     ),
     "posthoc_laplace_last_layer_gridsearch": JobArm(
         "posthoc_laplace_last_layer_gridsearch",
-        "plain MAP + last-layer K-FAC Laplace, scalar prior by validation NLL (needs a head)",
+        "plain MAP + last-layer K-FAC Laplace, scalar prior by validation NLL",
         POSTHOC_LAPLACE,
         "last_layer_gridsearch",
     ),
@@ -461,8 +461,8 @@ ARMS: dict[str, Arm] = {
     ),
     "marglik_laplace_last_layer": JobArm(
         "marglik_laplace_last_layer",
-        "--marglik, its saved posterior's predictive over the head only, prior by validation "
-        "(needs a trained head)",
+        "--marglik, its saved posterior's predictive over the last layer only (the head, or the "
+        "last adapted layer's LoRA), prior by validation",
         MARGLIK_PREDICTIVE,
         "last_layer",
     ),
@@ -491,7 +491,7 @@ LABELS = {
     "posthoc_laplace_last_layer": "post-hoc last-layer Laplace (marglik)",
     "posthoc_laplace_last_layer_gridsearch": "post-hoc last-layer Laplace (grid)",
     "marglik_laplace_all": "marglik Laplace, all tensors",
-    "marglik_laplace_last_layer": "marglik Laplace, head only",
+    "marglik_laplace_last_layer": "marglik Laplace, last layer",
     "temperature": "temperature scaling",
 }
 

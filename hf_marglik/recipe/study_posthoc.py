@@ -15,14 +15,15 @@ plain run without training again.
   precision from a log grid, by the NLL of the GLM probit predictive on the validation split).
   Each variant's test metrics are those of the GLM predictive with the probit link. One fit
   serves both variants; each variant's compute is the fit plus its own tuning and test pass.
-  Where the model has a trained head, the same two tunings of a last-layer Laplace
-  (``subset_of_weights="last_layer"``, laplace-torch's default for post-hoc Laplace; the
-  variants ``last_layer_marglik``, ``last_layer_gridsearch``), from the restriction of the
-  same fit (:meth:`~hf_marglik.Laplace.restricted_to`: the numbers of a last-layer fit).
+  The same two tunings of a last-layer Laplace (``subset_of_weights="last_layer"``:
+  laplace-torch's default for post-hoc Laplace over a trained head, Laplace-LoRA's last-layer
+  variant over the last adapted layer's LoRA where there is no head; the variants
+  ``last_layer_marglik``, ``last_layer_gridsearch``), from the restriction of the same fit
+  (:meth:`~hf_marglik.Laplace.restricted_to`: the numbers of a last-layer fit).
 - :func:`marglik_predictive`: the posterior a ``--marglik`` run saved, its predictive's prior
   tuned again on the validation split as the trainer does (``predictive_prior="gridsearch"``,
   :func:`~hf_marglik.tuning.tune_predictive_prior`), over each ``predictive_subset_of_weights``
-  (variants ``all`` and, with a trained head, ``last_layer``); the test predictive as
+  (variants ``all`` and ``last_layer``); the test predictive as
   ``train.py`` computes ``test_laplace`` (:func:`~hf_marglik.recipe.run.laplace_test_probs`).
   The variant of the run's own setting reproduces its ``test_laplace``.
 
@@ -56,7 +57,8 @@ POSTHOC_LAPLACE_SETTINGS = {
         "log_prior_prec_max": 4,
     },
     "predictive": {"pred_type": "glm", "link_approx": "probit"},
-    "last_layer": "the restriction of the same fit, when the model has a trained head",
+    "last_layer": "the restriction of the same fit to the head, or without one to the LoRA of "
+    "the last adapted layer",
 }
 MARGLIK_PREDICTIVE_SETTINGS = {
     "posterior": "the run's laplace_posterior.pt",
@@ -228,9 +230,7 @@ def posthoc_laplace(run_dir: Path, train_args: list[str]) -> tuple[dict, dict]:
             log_prior_prec_max=s["gridsearch"]["log_prior_prec_max"],
         ),
     }
-    targets = {"": lap}
-    with contextlib.suppress(ValueError):  # no trained head: no last-layer variants
-        targets["last_layer_"] = lap.restricted_to("last_layer")
+    targets = {"": lap, "last_layer_": lap.restricted_to("last_layer")}
     for prefix, target in targets.items():
         for name, kwargs in tuning.items():
             target.prior_precision = t.prior_prec_init  # each variant starts from the same prior
@@ -295,10 +295,7 @@ def marglik_predictive(run_dir: Path, train_args: list[str]) -> tuple[dict, dict
     result: dict = {"run_setting": a.predictive_subset_of_weights.value, "variants": {}}
     tensors: dict = {}
     for subset in MARGLIK_PREDICTIVE_SETTINGS["subsets"]:
-        try:
-            lap.predictive_subset_of_weights = subset
-        except ValueError:  # no trained head
-            continue
+        lap.predictive_subset_of_weights = subset
         lap.predictive_prior_precision = None
         start = _clock()
         scale = tune_predictive_prior(lap, val, a.pred_type, a.link_approx, a.predictive_samples)

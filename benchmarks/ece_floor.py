@@ -1,0 +1,111 @@
+"""How low an ECE the study's test split can show: the ECE floor of each arm's predictions
+(BENCHMARKS.md, "The ECE floor of the study's test split"):
+
+    python benchmarks/ece_floor.py STUDY_FOLDER [STUDY_FOLDER ...] [--draws 2000] [--seed 0]
+
+ECE (15 equal-width bins, as the runs report it) is an estimate from ``n`` test examples; a
+perfectly calibrated predictor has ECE 0 in expectation over infinitely many examples, not on
+``n``. For each arm's test probabilities ``p`` this script draws labels ``y ~ Categorical(p)``
+(``--draws`` times): the predictions are then calibrated by construction, so the mean ECE over
+draws is the ECE that perfect calibration with these confidences would show on ``n`` examples
+(the floor), and its 95% quantile the largest such ECE that seed noise gives. It also gives the
+bootstrap standard error of the observed ECE (examples resampled with replacement).
+
+Reads every run of the folders (``runs/*/predictions.pt``: the MAP and, for ``--marglik`` runs,
+the Laplace predictive) and every post-hoc job (``posthoc/*/probs.pt``: each variant). Prints one
+row per (cell, arm) with the mean over seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from hf_marglik.metrics import calibration_metrics  # noqa: E402
+
+
+def ece(probs: torch.Tensor, y: torch.Tensor) -> float:
+    return calibration_metrics(probs, y)["ece"]
+
+
+def floor(probs: torch.Tensor, draws: int, gen: torch.Generator) -> tuple[float, float]:
+    """Mean and 95% quantile of the ECE of ``probs`` against labels drawn from ``probs``."""
+    values = []
+    for _ in range(draws):
+        y = torch.multinomial(probs.float(), 1, generator=gen).squeeze(-1)
+        values.append(ece(probs, y))
+    values.sort()
+    return statistics.fmean(values), values[int(0.95 * (len(values) - 1))]
+
+
+def bootstrap_se(probs: torch.Tensor, y: torch.Tensor, draws: int, gen) -> float:
+    n = len(y)
+    values = []
+    for _ in range(draws):
+        i = torch.randint(0, n, (n,), generator=gen)
+        values.append(ece(probs[i], y[i]))
+    return statistics.stdev(values)
+
+
+def predictions(folder: Path):
+    """``(cell, arm, seed, probs, labels)`` of every run and job under ``folder``."""
+    for path in sorted(folder.glob("*/*/runs/*/predictions.pt")):
+        cell = "/".join(path.parts[-5:-3])
+        run, seed = path.parent.name.rsplit("-seed", 1)
+        p = torch.load(path, weights_only=False)
+        labels = p["test"]["labels"]
+        yield cell, f"{run} MAP", int(seed), torch.softmax(p["test"]["logits"].double(), -1), labels
+        if p.get("test_laplace"):
+            yield cell, f"{run} Laplace", int(seed), p["test_laplace"]["probs"], labels
+    for path in sorted(folder.glob("*/*/posthoc/*/probs.pt")):
+        cell = "/".join(path.parts[-5:-3])
+        job, seed = path.parent.name.rsplit("-seed", 1)
+        tensors = torch.load(path, weights_only=False)
+        for name, probs in tensors.items():
+            if name != "labels":
+                yield cell, f"{job} {name}", int(seed), probs, tensors["labels"]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("folders", nargs="+", type=Path)
+    ap.add_argument("--draws", type=int, default=2000)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    gen = torch.Generator().manual_seed(args.seed)
+    rows = defaultdict(list)
+    for folder in args.folders:
+        for cell, arm, seed, probs, y in predictions(folder):
+            keep = y != -100
+            probs, y = probs[keep].double(), y[keep]
+            f_mean, f_q95 = floor(probs, args.draws, gen)
+            rows[(cell, arm)].append(
+                (
+                    seed,
+                    ece(probs, y),
+                    f_mean,
+                    f_q95,
+                    bootstrap_se(probs, y, args.draws, gen),
+                    len(y),
+                )
+            )
+    print(
+        "| cell | arm | seeds | n test | observed ECE | floor (calibrated, same confidences) | floor 95% | bootstrap s.e. |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for (cell, arm), r in sorted(rows.items()):
+        m = [statistics.fmean(x[i] for x in r) for i in range(1, 5)]
+        print(
+            f"| {cell} | {arm} | {len(r)} | {r[0][5]} | {m[0]:.3f} | {m[1]:.3f} | {m[2]:.3f} | {m[3]:.3f} |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
