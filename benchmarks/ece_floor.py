@@ -1,5 +1,5 @@
 """How low an ECE the study's test split can show: the ECE floor of each arm's predictions
-(BENCHMARKS.md, "The ECE floor of the study's test split"):
+(docs/study.md, fourth round, "The ECE floor of the default task's long regime"):
 
     python benchmarks/ece_floor.py STUDY_FOLDER [STUDY_FOLDER ...] [--draws 2000] [--seed 0]
 
@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from hf_marglik.columns import sample_categorical  # noqa: E402
 from hf_marglik.metrics import calibration_metrics  # noqa: E402
 
 
@@ -38,7 +39,7 @@ def floor(probs: torch.Tensor, draws: int, gen: torch.Generator) -> tuple[float,
     """Mean and 95% quantile of the ECE of ``probs`` against labels drawn from ``probs``."""
     values = []
     for _ in range(draws):
-        y = torch.multinomial(probs.float(), 1, generator=gen).squeeze(-1)
+        y = sample_categorical(probs, gen).squeeze(-1)
         values.append(ece(probs, y))
     values.sort()
     return statistics.fmean(values), values[int(0.95 * (len(values) - 1))]

@@ -110,8 +110,9 @@ class MargLikArguments:
         predictive_subset_of_weights: the tensors the predictive marginalises over: ``"all"``
             (default) or ``"last_layer"`` (the trained head only, the LoRA adapters staying at
             the MAP; for a model without a trained head, the adapters of the last adapted layer:
-            Laplace-LoRA's last-layer variant; laplace-torch's ``subset_of_weights``). Training and the marginal likelihood
-            are over all trainable tensors either way; saved with the posterior.
+            Laplace-LoRA's last-layer variant; laplace-torch's ``subset_of_weights``). Training
+            and the marginal likelihood are over all trainable tensors either way; saved with
+            the posterior.
         pred_type: ``"glm"`` (linearised network, default) or ``"nn"`` (parameter samples).
         link_approx: ``"probit"`` (default) or ``"mc"`` for the glm predictive.
         predictive_samples: samples of the ``"nn"`` predictive or of the ``"mc"`` link.
