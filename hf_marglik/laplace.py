@@ -623,7 +623,9 @@ class Laplace:
         for regression the function's mean ``(n, k)`` and covariance ``(n, k, k)`` (``(n, k)``
         with ``diagonal_output``; with ``joint=True`` the mean ``(n·k,)`` and the covariance
         ``(n·k, n·k)`` over all outputs of the batch). ``pred_type``: ``"glm"`` (linearised,
-        ``link_approx`` ``"probit"`` or ``"mc"``) or ``"nn"`` (parameter samples); see
+        ``link_approx`` ``"probit"``, ``"mc"``, ``"bridge"`` or ``"bridge_norm"``;
+        ``diagonal_output`` with ``"mc"`` samples the logits independently) or ``"nn"``
+        (parameter samples); see
         :mod:`hf_marglik.predictive`. ``fitting`` is accepted for laplace-torch compatibility
         (it matters only for reward modelling there)."""
         from .predictive import predictive

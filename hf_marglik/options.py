@@ -124,6 +124,12 @@ class LinkApprox(str, Enum):
     """Closed form: ``softmax(f / sqrt(1 + π/8 · diag(J Σ Jᵀ)))`` (MacKay's probit)."""
     MC = "mc"
     """Monte-Carlo samples of the logits from the Gaussian."""
+    BRIDGE = "bridge"
+    """The Laplace bridge (Hobbhahn et al., UAI 2022): the Gaussian, conditioned on zero-sum
+    logits, matched to a Dirichlet; the Dirichlet's mean."""
+    BRIDGE_NORM = "bridge_norm"
+    """The Laplace bridge after rescaling logits and variances to a mean variance of
+    ``sqrt(K/2)`` per class (laplace-torch's variance correction)."""
 
 
 class TuningMethod(str, Enum):

@@ -7,9 +7,10 @@ out over all of the Laplace's tensors and restricted here.
 
 ``glm``: the network linearised in its trainable parameters, ``f(x) ~ N(f*(x), J(x) Σ J(x)ᵀ)``;
 ``J`` comes from one backward pass per output. Classification pushes the Gaussian through the
-softmax with MacKay's probit approximation or Monte-Carlo samples. ``nn``: average of the softmax
-over networks whose trainable parameters are drawn from the posterior (matrix-normal per K-FAC
-block, no dense covariance). Names and return shapes follow laplace-torch.
+softmax with MacKay's probit approximation, Monte-Carlo samples or the Laplace bridge
+(``link_approx``: laplace-torch's four). ``nn``: average of the softmax over networks whose
+trainable parameters are drawn from the posterior (matrix-normal per K-FAC block, no dense
+covariance). Names and return shapes follow laplace-torch.
 """
 
 from __future__ import annotations
@@ -72,12 +73,51 @@ def glm_moments(lap, batch) -> tuple[Tensor, Tensor]:
     return logits, glm_covariance(lap, jacobians, *logits.shape)
 
 
-def categorical(mean: Tensor, cov: Tensor, link_approx, n_samples: int, generator) -> Tensor:
-    """Class probabilities of logits ``N(mean, cov)`` (``(n, k)``, ``(n, k, k)``)."""
-    if coerce(LinkApprox, link_approx, "link_approx") == LinkApprox.PROBIT:
+def categorical(
+    mean: Tensor, cov: Tensor, link_approx, n_samples: int, generator, diagonal_output=False
+) -> Tensor:
+    """Class probabilities of logits ``N(mean, cov)`` (``(n, k)``, ``(n, k, k)``);
+    ``diagonal_output``: Monte-Carlo samples from the covariance's diagonal only."""
+    link_approx = coerce(LinkApprox, link_approx, "link_approx")
+    if link_approx == LinkApprox.PROBIT:
         var = torch.diagonal(cov, dim1=1, dim2=2)
         return torch.softmax(mean / torch.sqrt(1.0 + math.pi / 8.0 * var), dim=-1)
+    if link_approx in (LinkApprox.BRIDGE, LinkApprox.BRIDGE_NORM):
+        return laplace_bridge(mean, cov, normalise=link_approx == LinkApprox.BRIDGE_NORM)
+    if diagonal_output:
+        cov = torch.diag_embed(torch.diagonal(cov, dim1=1, dim2=2))
     return torch.softmax(_logit_samples(mean, cov, n_samples, generator), dim=-1).mean(0)
+
+
+def laplace_bridge(mean: Tensor, cov: Tensor, normalise: bool = False) -> Tensor:
+    """The mean of the Laplace bridge's Dirichlet for logits ``N(mean, cov)``.
+
+    The softmax ignores a shift of all logits, so the Gaussian is first conditioned on
+    ``1ᵀf = 0``: ``μ ← μ − Σ1 (1ᵀμ) / (1ᵀΣ1)``, ``Σ ← Σ − Σ11ᵀΣ / (1ᵀΣ1)``. With ``v`` the
+    diagonal of the conditioned covariance and ``K`` classes, the Dirichlet's parameters are
+    ``α_k = (1 − 2/K + e^{μ_k} Σ_l e^{−μ_l} / K²) / v_k`` and the prediction is ``α / Σα``,
+    computed from ``log α`` (a softmax), so that logits far apart do not overflow.
+    ``normalise``: ``μ`` and ``v`` first divided by ``sqrt(c)`` and ``c``,
+    ``c = mean(v) / sqrt(K/2)``. The bridge is not the softmax's limit at vanishing variance:
+    scaling the covariance leaves its prediction unchanged."""
+    k = mean.shape[-1]
+    row = cov.sum(-1)  # Σ1, (n, k)
+    total = row.sum(-1, keepdim=True)  # 1ᵀΣ1
+    var = torch.diagonal(cov, dim1=1, dim2=2) - row**2 / total
+    if not bool((total > 0).all() and (var > 0).all()):
+        raise ValueError(
+            "link_approx='bridge' needs a positive variance of every logit given zero-sum "
+            "logits, and some outputs have none (e.g. an infinite prior precision, or no "
+            "trainable parameter behind them). Use link_approx='probit' or 'mc'."
+        )
+    mu = mean - row * mean.sum(-1, keepdim=True) / total
+    if normalise:
+        c = var.mean(-1, keepdim=True) / math.sqrt(k / 2)
+        mu, var = mu / c.sqrt(), var / c
+    # log(e^{μ_k} Σ_l e^{−μ_l} / K²), then log(1 − 2/K + that); 1 − 2/K is 0 for K = 2
+    log_spread = mu + torch.logsumexp(-mu, dim=-1, keepdim=True) - 2.0 * math.log(k)
+    base = torch.full_like(log_spread, math.log(1.0 - 2.0 / k) if k > 2 else -math.inf)
+    return torch.softmax(torch.logaddexp(base, log_spread) - var.log(), dim=-1)
 
 
 def _logit_samples(mean: Tensor, cov: Tensor, n_samples: int, generator) -> Tensor:
@@ -132,7 +172,7 @@ def predictive(
     mean, cov = glm_moments(lap, batch)
     if regression:
         return mean, torch.diagonal(cov, dim1=1, dim2=2) if diagonal_output else cov
-    return categorical(mean, cov, link_approx, n_samples, generator)
+    return categorical(mean, cov, link_approx, n_samples, generator, diagonal_output)
 
 
 def predictive_samples(

@@ -114,7 +114,8 @@ class MargLikArguments:
             and the marginal likelihood are over all trainable tensors either way; saved with
             the posterior.
         pred_type: ``"glm"`` (linearised network, default) or ``"nn"`` (parameter samples).
-        link_approx: ``"probit"`` (default) or ``"mc"`` for the glm predictive.
+        link_approx: ``"probit"`` (default), ``"mc"``, ``"bridge"`` or ``"bridge_norm"`` (the
+            Laplace bridge; :class:`~hf_marglik.LinkApprox`) for the glm predictive.
         predictive_samples: samples of the ``"nn"`` predictive or of the ``"mc"`` link.
 
     Interruptions:
@@ -293,7 +294,10 @@ class MargLikArguments:
     )
     link_approx: str = field(
         default="probit",
-        metadata={"help": "Link of the 'glm' predictive: 'probit' (closed form) or 'mc'."},
+        metadata={
+            "help": "Link of the 'glm' predictive: 'probit' (closed form), 'mc', 'bridge' or "
+            "'bridge_norm' (the Laplace bridge)."
+        },
     )
     predictive_samples: int = field(
         default=100,

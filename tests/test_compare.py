@@ -215,12 +215,35 @@ def test_marglik_predictive_job_reproduces_the_runs_test_laplace(copy, one_threa
     assert "marglik_laplace_all - marglik_map" in cell["paired"]
 
 
+def test_link_approx_benchmark_redoes_the_studys_probit_predictives(copy, one_thread, monkeypatch):
+    """benchmarks/link_approx.py: its probit rows are the study's own predictives (the run's
+    test_laplace; the post-hoc last-layer Laplace with the prior by validation NLL), so its
+    other links are measured on the same footing."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from link_approx import evaluate_run
+
+    arms = ["plain", "marglik_laplace", "posthoc_laplace_last_layer_gridsearch"]
+    assert compare.main([*TINY, "--out", str(copy), "--arms", *arms]) == 0
+    cell = _cell(copy)["arms"]
+    runs = _runs(copy)
+    for run, arm in (("marglik-seed0", "marglik_laplace"),
+                     ("plain-wd0.01-seed0", "posthoc_laplace_last_layer_gridsearch")):
+        got = evaluate_run(runs / run, ["probit", "bridge"])
+        expected = cell[arm]["per_seed"]["0"]["metrics"]
+        for m in ("accuracy", "nll", "ece", "brier"):
+            assert got["links"]["probit"]["test"][m] == pytest.approx(
+                expected[m], rel=1e-6, abs=1e-9
+            ), (run, m)
+        assert got["links"]["bridge"]["test"]["nll"] != got["links"]["probit"]["test"]["nll"]
+        assert got["kind"] == run.split("-")[0]
+
+
 # ---------------------------------------------------------------- bad input
 BAD_NAMES = {
     "arm": (["--arms", "plain", "marglik_mpa"], ["'marglik_mpa'", "Did you mean 'marglik_map'",
                                                    "plain, grid, marglik_map"]),
     "regime": (["--regimes", "longer"], ["'longer'", "Valid regimes: default, long"]),
-    "task": (["--tasks", "llm2"], ["'llm2'", "Valid tasks: default, llm, llm_small, tiny"]),
+    "task": (["--tasks", "llm2"], ["'llm2'", "Valid tasks: default, llm, llm_small, default_full_test, tiny"]),
     "seed": (["--seeds", "-1"], ["seeds must be non-negative"]),
     "flag": (["--seeds", "one"], ["--seeds: invalid int value: 'one'"]),
     "unknown_flag": (["--arm", "plain"], ["unrecognized arguments: --arm plain"]),
@@ -312,6 +335,27 @@ def test_every_planned_run_of_the_full_study_parses(tmp_path):
         )
     assert sizes["default/default"] == (320, 5, 128) and sizes["default/long"] == (160, 15, 128)
     assert sizes["llm/default"] == (320, 2, 64) and sizes["llm/long"] == (64, 15, 64)
+    assert sizes["default_full_test/long"] == sizes["default/long"]
+
+
+@pytest.mark.parametrize("regime", ["default", "long"])
+def test_the_full_test_task_extends_the_default_tasks_test_split(regime):
+    """``default_full_test`` trains and validates on the ``default`` task's articles; its test
+    split is every article left, the first ones being the ``default`` task's test split."""
+    from hf_marglik.recipe import parse_args
+    from hf_marglik.recipe.data import load_text_data
+    from hf_marglik.recipe.study import TASKS
+
+    def splits(task):
+        cfg = parse_args(["--config", TASKS[task].config, *TASKS[task].args(regime)])
+        return load_text_data(cfg.data).splits
+
+    small, full = splits("default"), splits("default_full_test")
+    for name in ("train", "validation"):
+        assert small[name]["text"] == full[name]["text"]
+    n = len(small["test"])
+    assert full["test"]["text"][:n] == small["test"]["text"]
+    assert sum(len(full[k]) for k in full) == 2225  # all of BBC News
 
 
 def test_temperature_scaling_recovers_a_known_temperature():

@@ -138,6 +138,53 @@ def test_samples_have_the_posterior_moments(structure):
     assert ((C - S).abs() <= 4 * se + 1e-12).all()
 
 
+@pytest.mark.parametrize("link", ["bridge", "bridge_norm"])
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_glm_laplace_bridge_predictive(structure, link):
+    ours, peer, _, _, xt = _pair(structure)
+    expected = peer(xt, pred_type="glm", link_approx=link)
+    R.assert_close(ours(xt, link_approx=link), expected, rtol=1e-9, what=link)
+    assert (ours(xt, link_approx=link) - ours(xt)).abs().max() > 1e-3  # not the probit
+
+
+def test_laplace_bridge_far_apart_logits_and_zero_variance():
+    """The bridge's Dirichlet parameters overflow float64 for logits 800 apart; the prediction
+    (a ratio of them) does not. Scaling the covariance leaves it unchanged. A logit without
+    variance is refused."""
+    from hf_marglik.predictive import laplace_bridge
+
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(4, 3, 3, generator=g, dtype=torch.float64)
+    cov = a @ a.mT + 0.1 * torch.eye(3, dtype=torch.float64)
+    mean = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    p = laplace_bridge(mean, cov)
+    R.assert_close(laplace_bridge(mean, 1e-6 * cov), p, rtol=1e-9, what="scale invariance")
+    far = mean * 0 + torch.tensor([400.0, -400.0, 0.0], dtype=torch.float64)
+    q = laplace_bridge(far, cov)
+    assert torch.isfinite(q).all() and (q.sum(-1) - 1).abs().max() < 1e-12
+    assert (q.argmax(-1) == 0).all()
+    naive = (far - far.max()).exp() * (-far).exp().sum(-1, keepdim=True)  # e^{μ_k} Σ e^{−μ_l}
+    assert not torch.isfinite(naive * far.max().exp()).all()  # the unscaled α overflows
+    with pytest.raises(ValueError, match="positive variance.*probit"):
+        laplace_bridge(mean, torch.zeros_like(cov))
+
+
+def test_mc_diagonal_output_samples_the_diagonal():
+    from hf_marglik.predictive import categorical
+
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(4, 3, 3, generator=g, dtype=torch.float64)
+    cov = a @ a.mT
+    mean = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    diag = torch.diag_embed(torch.diagonal(cov, dim1=1, dim2=2))
+
+    def mc(c, **kw):
+        return categorical(mean, c, "mc", 500, torch.Generator().manual_seed(0), **kw)
+
+    R.assert_close(mc(cov, diagonal_output=True), mc(diag), rtol=1e-12, what="diagonal")
+    assert (mc(cov, diagonal_output=True) - mc(cov)).abs().max() > 1e-3
+
+
 def test_predictive_samples_average_to_the_mc_predictive():
     ours, peer, _, _, xt = _pair("full")
     samples = ours.predictive_samples(
