@@ -289,7 +289,9 @@ class Laplace:
         tuned on validation data after training (``MargLikTrainingArguments.predictive_prior``)
         while ``prior_precision`` stays what the marginal likelihood learned. None (default):
         the predictive uses ``prior_precision``. Setting ``prior_precision`` by
-        :meth:`optimize_prior_precision` clears it."""
+        :meth:`optimize_prior_precision` clears it. ``float("inf")`` (every entry): no posterior
+        variance, the predictive is the MAP's without any Jacobian or sample (what the tuning
+        picks when the validation split prefers the MAP to every grid value)."""
         return None if self._predictive_prior is None else self._predictive_prior.values
 
     @predictive_prior_precision.setter
@@ -299,9 +301,10 @@ class Laplace:
             return
         prec = torch.as_tensor(value, dtype=self.dtype, device=self.device).reshape(-1)
         prior = Prior(prec, self.sizes)
-        if not torch.isfinite(prec).all() or not (prec > 0).all():
+        if not prior.is_point_mass and (not torch.isfinite(prec).all() or not (prec > 0).all()):
             raise ValueError(
-                f"predictive_prior_precision must be positive and finite; got {value}."
+                f"predictive_prior_precision must be positive and finite, or inf everywhere "
+                f"(the MAP's predictive); got {value}."
             )
         self._predictive_prior = prior
 

@@ -173,5 +173,7 @@ class PredictivePrior(str, Enum):
     GRIDSEARCH = "gridsearch"
     """The learned precisions times one factor ``k`` from ``logspace(-4, 4, 100)``, chosen by
     the predictive's NLL on the ``eval_dataset`` after training
-    (``Laplace.optimize_prior_precision(method="gridsearch", relative=True)``); saved as
+    (``Laplace.optimize_prior_precision(method="gridsearch", relative=True)``), or ``k = inf``
+    (the MAP's predictive) where that NLL is lowest without any posterior variance
+    (:func:`~hf_marglik.tuning.tune_predictive_prior`); saved as
     ``laplace.predictive_prior_precision`` beside the learned ``prior_precision``."""

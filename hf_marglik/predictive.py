@@ -44,11 +44,27 @@ def glm_jacobians(lap, batch) -> tuple[Tensor, list[Tensor]]:
     return lap.predictive_view().output_jacobians(batch)
 
 
+def map_outputs(lap, batch) -> Tensor:
+    """The MAP model's outputs on ``batch`` in the predictive's modes (eval mode), without a
+    graph: the mean of every predictive, and all of it at a point-mass predictive prior."""
+    from .curvature import pass_modes
+
+    with pass_modes(lap.model), torch.no_grad():
+        return B.call_model(lap.model, model_inputs(lap, batch), lap.dict_key_x).to(lap.dtype)
+
+
+def _zero_covariance(lap, n: int, k: int) -> Tensor:
+    return torch.zeros(n, k, k, dtype=lap.dtype, device=lap.device)
+
+
 def glm_covariance(lap, jacobians: list[Tensor], n: int, k: int, prior=None) -> Tensor:
     """``J(x) Σ J(x)ᵀ`` per example, ``(n, k, k)``, from :func:`glm_jacobians`: the Jacobians
     depend on the model only, so one set serves several posteriors or priors over the same
-    parameters (compressed posteriors, a grid of prior precisions)."""
+    parameters (compressed posteriors, a grid of prior precisions). Zero at a point-mass
+    prior (:attr:`Prior.is_point_mass`)."""
     prior = lap.predictive_prior_of(lap.predictive_prior if prior is None else prior)
+    if prior.is_point_mass:
+        return _zero_covariance(lap, n, k)
     post = lap.predictive_view().posterior
     return post.output_covariance(jacobians, n, k, prior, lap.likelihood_factor())
 
@@ -62,13 +78,20 @@ def glm_covariance_fn(lap, jacobians: list[Tensor], n: int, k: int, isotropic: b
         isotropic = lap.predictive_prior.isotropic_per_tensor
     fn = lap.predictive_view().posterior.output_covariance_fn(jacobians, n, k, isotropic)
     f = lap.likelihood_factor()
-    return lambda prior=None: fn(
-        lap.predictive_prior_of(lap.predictive_prior if prior is None else prior), f
-    )
+
+    def covariance(prior=None) -> Tensor:
+        prior = lap.predictive_prior_of(lap.predictive_prior if prior is None else prior)
+        return _zero_covariance(lap, n, k) if prior.is_point_mass else fn(prior, f)
+
+    return covariance
 
 
 def glm_moments(lap, batch) -> tuple[Tensor, Tensor]:
-    """Mean ``(n, k)`` and covariance ``(n, k, k)`` of the linearised network's outputs."""
+    """Mean ``(n, k)`` and covariance ``(n, k, k)`` of the linearised network's outputs; at a
+    point-mass predictive prior the MAP's outputs and zeros, without Jacobians."""
+    if lap.predictive_prior.is_point_mass:
+        logits = map_outputs(lap, batch)
+        return logits, _zero_covariance(lap, *logits.shape)
     logits, jacobians = glm_jacobians(lap, batch)
     return logits, glm_covariance(lap, jacobians, *logits.shape)
 
@@ -84,6 +107,8 @@ def categorical(
         return torch.softmax(mean / torch.sqrt(1.0 + math.pi / 8.0 * var), dim=-1)
     if link_approx in (LinkApprox.BRIDGE, LinkApprox.BRIDGE_NORM):
         return laplace_bridge(mean, cov, normalise=link_approx == LinkApprox.BRIDGE_NORM)
+    if not bool(cov.any()):  # no variance (a point-mass prior): every sample is the mean
+        return torch.softmax(mean, dim=-1)
     if diagonal_output:
         cov = torch.diag_embed(torch.diagonal(cov, dim1=1, dim2=2))
     return torch.softmax(_logit_samples(mean, cov, n_samples, generator), dim=-1).mean(0)
@@ -161,10 +186,15 @@ def predictive(
     regression = lap.likelihood == Likelihood.REGRESSION
     if pred_type == PredType.NN:
         draws = _nn_outputs(lap, batch, n_samples, generator, regression)
+        if lap.predictive_prior.is_point_mass:
+            draws = draws[:1]  # all equal: the MAP's outputs, without rounding in the mean
         if regression:
             return draws.mean(0), draws.var(0, unbiased=False)
         return draws.mean(0)
     if joint:
+        if lap.predictive_prior.is_point_mass:
+            logits = map_outputs(lap, batch).reshape(-1)
+            return logits, torch.zeros(len(logits), len(logits), dtype=lap.dtype, device=lap.device)
         logits, jac = glm_jacobians(lap, batch)
         view = lap.predictive_view()
         cov = view.posterior.quadratic(jac, view.predictive_prior, lap.likelihood_factor())
@@ -190,16 +220,24 @@ def predictive_samples(
     if pred_type == PredType.NN:
         return _nn_outputs(lap, batch, n_samples, generator, regression)
     mean, cov = glm_moments(lap, batch)
-    if diagonal_output:
-        cov = torch.diag_embed(torch.diagonal(cov, dim1=1, dim2=2))
-    f = _logit_samples(mean, cov, n_samples, generator)
+    if lap.predictive_prior.is_point_mass:
+        f = mean.expand(n_samples, *mean.shape)
+    else:
+        if diagonal_output:
+            cov = torch.diag_embed(torch.diagonal(cov, dim1=1, dim2=2))
+        f = _logit_samples(mean, cov, n_samples, generator)
     return f if regression else torch.softmax(f, dim=-1)
 
 
 @torch.no_grad()
 def _nn_outputs(lap, batch, n_samples, generator, regression) -> Tensor:
     """Outputs (softmax for categorical likelihoods) of ``n_samples`` networks drawn from the
-    posterior, ``(n_samples, n, k)``; the parameters are restored afterwards."""
+    posterior, ``(n_samples, n, k)``; the parameters are restored afterwards. At a point-mass
+    predictive prior every draw is the MAP."""
+    if lap.predictive_prior.is_point_mass:
+        f = map_outputs(lap, batch)
+        f = f if regression else torch.softmax(f, dim=-1)
+        return f.expand(n_samples, *f.shape)
     model = lap.model
     inputs = model_inputs(lap, batch)
     lap = lap.predictive_view()

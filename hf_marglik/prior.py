@@ -118,6 +118,12 @@ class Prior:
         return Prior(self.values[flat_index(self.sizes, indices, self.values.device)], sizes)
 
     @property
+    def is_point_mass(self) -> bool:
+        """Whether every precision is ``+inf``: a posterior with no variance, whose predictive
+        is the MAP's (the limit that ``predictive_prior='gridsearch'`` may choose)."""
+        return bool(torch.isposinf(self.values).all())
+
+    @property
     def isotropic_per_tensor(self) -> bool:
         """Whether each tensor's block of ``P`` is a multiple of the identity (not ``diag``)."""
         return self.structure != PriorStructure.DIAG

@@ -665,7 +665,8 @@ class MargLikTrainerMixin:
 
     def _tune_predictive_prior(self, lap: Laplace) -> None:
         """``predictive_prior='gridsearch'``: the learned precisions times the factor with the
-        lowest predictive NLL on ``eval_dataset``, as ``lap.predictive_prior_precision``."""
+        lowest predictive NLL on ``eval_dataset`` (or the MAP, :func:`tune_predictive_prior`), as
+        ``lap.predictive_prior_precision``."""
         a = self.args
         scale = tune_predictive_prior(
             lap,
@@ -675,7 +676,13 @@ class MargLikTrainerMixin:
             a.predictive_samples,
         )
         self.log({"predictive_prior_scale": scale})
-        logger.info("predictive prior: the learned precisions times %.3g (eval NLL).", scale)
+        if math.isinf(scale):
+            logger.info(
+                "predictive prior: the eval split's NLL prefers the MAP to every grid value: the "
+                "Laplace predictive is the MAP's (predictive_prior_precision = inf)."
+            )
+        else:
+            logger.info("predictive prior: the learned precisions times %.3g (eval NLL).", scale)
 
     # ------------------------------------------------------------------ saving
     def _state_dict(self) -> dict:

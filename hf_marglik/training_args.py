@@ -106,7 +106,9 @@ class MargLikArguments:
             ``"gridsearch"``: after training, the learned precisions times one factor chosen by
             the predictive's NLL on ``eval_dataset`` (laplace-torch's gridsearch, relative to
             the learned values), stored as ``laplace.predictive_prior_precision`` and saved in
-            the posterior file; the learned precisions stay the marginal likelihood's.
+            the posterior file; the learned precisions stay the marginal likelihood's. The MAP
+            is a candidate too (the grid's limit; probit and mc links, and ``"nn"``): where the
+            eval NLL prefers it, the precision is ``inf`` and the predictive is the MAP's.
         predictive_subset_of_weights: the tensors the predictive marginalises over: ``"all"``
             (default) or ``"last_layer"`` (the trained head only, the LoRA adapters staying at
             the MAP; for a model without a trained head, the adapters of the last adapted layer:
@@ -271,8 +273,8 @@ class MargLikArguments:
         metadata={
             "help": "Prior precision of the predictive: 'marglik' (the learned precisions) or "
             "'gridsearch' (the learned precisions times a factor chosen by the predictive's NLL "
-            "on eval_dataset after training; the learned ones are kept for the marginal "
-            "likelihood).",
+            "on eval_dataset after training, or the MAP itself where that NLL prefers it; the "
+            "learned ones are kept for the marginal likelihood).",
             "choices": ["marglik", "gridsearch"],
         },
     )

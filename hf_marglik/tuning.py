@@ -52,7 +52,7 @@ def optimize_prior_precision(
     progress_bar: bool = False,
     log_prior_prec_base: float = 10.0,
     relative: bool = False,
-) -> None:
+) -> float | None:
     """Set ``lap.prior_precision`` by ``method`` (see the module docstring).
 
     ``loss(prediction, y)`` (gridsearch): a callable of what ``lap(x, pred_type, ...)`` returns
@@ -60,6 +60,7 @@ def optimize_prior_precision(
     batch's targets, giving a per-batch sum; the grid value with the lowest total wins.
     ``prior_structure`` (marglik): the layout of a float ``init_prior_prec``, by default
     ``"scalar"`` (laplace-torch's); a tensor ``init_prior_prec`` keeps its own layout.
+    Returns the lowest validation loss (gridsearch), or None (marglik).
     """
     pred_type = coerce(PredType, pred_type, "pred_type")
     link_approx = coerce(LinkApprox, link_approx, "link_approx")
@@ -74,6 +75,7 @@ def optimize_prior_precision(
                 stacklevel=3,
             )
         _by_marglik(lap, n_steps, lr, init_prior_prec, prior_structure, progress_bar)
+        best = None
     else:
         if val_loader is None:
             raise ValueError(
@@ -85,11 +87,12 @@ def optimize_prior_precision(
         grid = torch.logspace(
             log_prior_prec_min, log_prior_prec_max, grid_size, base=log_prior_prec_base
         ).to(lap.dtype)
-        _by_gridsearch(
+        best = _by_gridsearch(
             lap, grid, val_loader, pred_type, link_approx, n_samples, loss, relative, progress_bar
         )
     if verbose:
         print(f"Optimized prior precision is {lap.prior_precision}.")
+    return best
 
 
 def tune_predictive_prior(
@@ -99,9 +102,19 @@ def tune_predictive_prior(
     factor (of the default grid, ``relative=True``) with the lowest predictive NLL on
     ``val_loader``, stored as ``lap.predictive_prior_precision``; ``lap.prior_precision`` stays
     the learned one. The predictive is over ``lap.predictive_subset_of_weights``. Returns the
-    mean factor."""
+    mean factor.
+
+    Where the predictive tends to the MAP's as the variance vanishes (``pred_type="nn"``, and
+    ``"glm"`` with the ``probit`` or ``mc`` link), the MAP is a candidate too, the grid's limit:
+    if its NLL on ``val_loader`` is at most the best grid value's, the predictive prior is
+    ``inf`` everywhere (:attr:`~hf_marglik.prior.Prior.is_point_mass`), the predictive is the
+    MAP's to the last digit without Jacobians or samples, and the factor returned is ``inf``.
+    The Laplace bridge's limit is not the MAP's (it is invariant to the covariance's scale), so
+    it has no such candidate."""
+    pred_type = coerce(PredType, pred_type, "pred_type")
+    link_approx = coerce(LinkApprox, link_approx, "link_approx")
     learned = lap.prior_precision.clone()
-    optimize_prior_precision(
+    best = optimize_prior_precision(
         lap,
         pred_type=pred_type,
         method="gridsearch",
@@ -111,7 +124,11 @@ def tune_predictive_prior(
         relative=True,
     )
     tuned = lap.prior_precision.clone()
-    lap.prior_precision, lap.predictive_prior_precision = learned, tuned
+    lap.prior_precision = learned
+    map_is_the_limit = pred_type == PredType.NN or link_approx in (LinkApprox.PROBIT, LinkApprox.MC)
+    if map_is_the_limit and _map_loss(lap, val_loader, _default_loss(lap)) <= best:
+        tuned = torch.full_like(learned, math.inf)
+    lap.predictive_prior_precision = tuned
     return float((tuned / learned).mean())
 
 
@@ -135,7 +152,7 @@ def _by_marglik(lap, n_steps, lr, init_prior_prec, prior_structure, progress_bar
 
 def _by_gridsearch(
     lap, grid, val_loader, pred_type, link_approx, n_samples, loss, relative, progress_bar
-) -> None:
+) -> float:
     base = lap.prior_precision.clone() if relative else torch.ones(1, dtype=lap.dtype)
     loss = loss or _default_loss(lap)
     # a grid value scales the base: the priors of the grid are isotropic per tensor iff it is
@@ -156,7 +173,9 @@ def _by_gridsearch(
         results.append(total if math.isfinite(total) else math.inf)
     if all(r == math.inf for r in results):
         raise ValueError("gridsearch: the predictive loss is not finite at any grid value.")
-    lap.prior_precision = base.to(lap.device) * grid[int(torch.tensor(results).argmin())]
+    best = int(torch.tensor(results).argmin())
+    lap.prior_precision = base.to(lap.device) * grid[best]
+    return results[best]
 
 
 class _ValidationCache:
@@ -186,6 +205,23 @@ class _ValidationCache:
                 pred = categorical(logits, cov, link_approx, n_samples, generator)
             total += float(loss(pred, y))
         return total
+
+
+def _map_loss(lap, val_loader, loss) -> float:
+    """The loss of the MAP's predictive on ``val_loader``: the softmax of its outputs, or for
+    regression ``N(f*, σ²)`` (zero function variance)."""
+    from .predictive import map_outputs
+
+    total = 0.0
+    for batch in val_loader:
+        inputs, y = _split(lap, batch)
+        f = map_outputs(lap, inputs)
+        if lap.likelihood == Likelihood.REGRESSION:
+            pred = (f, torch.zeros(*f.shape, f.shape[-1], dtype=f.dtype, device=f.device))
+        else:
+            pred = torch.softmax(f, dim=-1)
+        total += float(loss(pred, y))
+    return total
 
 
 def _loss_by_calls(lap, val_loader, pred_type, link_approx, n_samples, loss) -> float:
