@@ -239,7 +239,9 @@ def main(argv=None) -> int:
         print(f"{cell} {run_dir.name} ...", file=sys.stderr, flush=True)
         results[(cell, f"{run_dir.name}")] = {"seed": seed, **evaluate_run(run_dir, a.links)}
     if not results:
-        print(f"link_approx.py: no finished plain or --marglik runs under {a.study}", file=sys.stderr)
+        print(
+            f"link_approx.py: no finished plain or --marglik runs under {a.study}", file=sys.stderr
+        )
         return 2
     print(table(results))
     if a.json:

@@ -226,8 +226,10 @@ def test_link_approx_benchmark_redoes_the_studys_probit_predictives(copy, one_th
     assert compare.main([*TINY, "--out", str(copy), "--arms", *arms]) == 0
     cell = _cell(copy)["arms"]
     runs = _runs(copy)
-    for run, arm in (("marglik-seed0", "marglik_laplace"),
-                     ("plain-wd0.01-seed0", "posthoc_laplace_last_layer_gridsearch")):
+    for run, arm in (
+        ("marglik-seed0", "marglik_laplace"),
+        ("plain-wd0.01-seed0", "posthoc_laplace_last_layer_gridsearch"),
+    ):
         got = evaluate_run(runs / run, ["probit", "bridge"])
         expected = cell[arm]["per_seed"]["0"]["metrics"]
         for m in ("accuracy", "nll", "ece", "brier"):

@@ -48,7 +48,10 @@ def _trained(tmp_path, val, **kw):
     trainer = MargLikTrainer(
         model=_MLP().double(),
         args=tiny_trainer_args(
-            tmp_path / "out", num_train_epochs=6, learning_rate=5e-2, predictive_prior="gridsearch",
+            tmp_path / "out",
+            num_train_epochs=6,
+            learning_rate=5e-2,
+            predictive_prior="gridsearch",
             **kw,
         ),
         train_dataset=_data(32, 0),
