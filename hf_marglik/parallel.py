@@ -23,6 +23,9 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
+import torch
+import torch.distributed as dist
+
 SUPPORTED = (
     "one process (CPU or one GPU), or data-parallel DDP over several processes (torchrun or "
     "accelerate launch without --use_fsdp / --use_deepspeed), each with bf16/fp16, gradient "
@@ -88,3 +91,15 @@ def check_parallelism(args=None, environ: Mapping[str, str] | None = None) -> No
             "with `torchrun --nproc_per_node=N train.py` or `accelerate launch --multi_gpu "
             "train.py` (an accelerate config without FSDP or DeepSpeed)."
         )
+
+
+def sum_over_processes(values: torch.Tensor) -> torch.Tensor:
+    """``values`` summed elementwise over the processes of an initialised ``torch.distributed``
+    group, in float64 on the CPU (``values`` itself without a group or with one process): the
+    totals of losses or counts over a data loader that the Trainer shards across processes."""
+    values = values.detach().to("cpu", torch.float64)
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    t = values.cuda() if dist.get_backend() == "nccl" else values.clone()
+    dist.all_reduce(t)
+    return t.cpu()

@@ -59,7 +59,7 @@ from .options import (
     PriorStructure,
     SubsetSampling,
 )
-from .parallel import check_parallelism
+from .parallel import check_parallelism, sum_over_processes
 from .preemption import SigtermCheckpointCallback
 from .prior import trainable_parameters
 from .subset import CurvatureSubset, select_examples, subset_size
@@ -670,10 +670,11 @@ class MargLikTrainerMixin:
         a = self.args
         scale = tune_predictive_prior(
             lap,
-            self.get_eval_dataloader(self.eval_dataset),
+            self.get_eval_dataloader(self.eval_dataset),  # a shard of it per process
             a.pred_type,
             a.link_approx,
             a.predictive_samples,
+            sum_over_processes=True,
         )
         self.log({"predictive_prior_scale": scale})
         if math.isinf(scale):
@@ -809,8 +810,5 @@ def _sum_over_processes(n: float, exact_int: bool = True):
     an int unless ``exact_int=False``."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return n
-    t = torch.tensor(float(n), dtype=torch.float64)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t)
-    return int(t.item()) if exact_int else float(t.item())
+    total = float(sum_over_processes(torch.tensor(float(n), dtype=torch.float64)))
+    return int(total) if exact_int else total

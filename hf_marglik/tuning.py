@@ -96,7 +96,13 @@ def optimize_prior_precision(
 
 
 def tune_predictive_prior(
-    lap, val_loader, pred_type="glm", link_approx="probit", n_samples: int = 100
+    lap,
+    val_loader,
+    pred_type="glm",
+    link_approx="probit",
+    n_samples: int = 100,
+    *,
+    sum_over_processes: bool = False,
 ) -> float:
     """``predictive_prior='gridsearch'`` of the trainers: the learned precisions times the
     factor (of the default grid, ``relative=True``) with the lowest predictive NLL on
@@ -110,24 +116,29 @@ def tune_predictive_prior(
     ``inf`` everywhere (:attr:`~hf_marglik.prior.Prior.is_point_mass`), the predictive is the
     MAP's to the last digit without Jacobians or samples, and the factor returned is ``inf``.
     The Laplace bridge's limit is not the MAP's (it is invariant to the covariance's scale), so
-    it has no such candidate."""
+    it has no such candidate.
+
+    ``sum_over_processes``: ``val_loader`` is this process's shard of the validation data (the
+    Trainer's data-parallel evaluation); every candidate's loss is summed over the processes of
+    the ``torch.distributed`` group before the choice, so that all choose the same prior, the
+    one of the whole split. Every process of the group must call it then."""
     pred_type = coerce(PredType, pred_type, "pred_type")
     link_approx = coerce(LinkApprox, link_approx, "link_approx")
+    lap.check_fitted()
     learned = lap.prior_precision.clone()
-    best = optimize_prior_precision(
-        lap,
-        pred_type=pred_type,
-        method="gridsearch",
-        val_loader=val_loader,
-        link_approx=link_approx,
-        n_samples=n_samples,
-        relative=True,
+    lap.predictive_prior_precision = None
+    grid = torch.logspace(-4, 4, 100).to(lap.dtype)  # optimize_prior_precision's default grid
+    reduce = _summed if sum_over_processes else None
+    best = _by_gridsearch(
+        lap, grid, val_loader, pred_type, link_approx, n_samples, None, True, False, reduce
     )
     tuned = lap.prior_precision.clone()
     lap.prior_precision = learned
     map_is_the_limit = pred_type == PredType.NN or link_approx in (LinkApprox.PROBIT, LinkApprox.MC)
-    if map_is_the_limit and _map_loss(lap, val_loader, _default_loss(lap)) <= best:
-        tuned = torch.full_like(learned, math.inf)
+    if map_is_the_limit:
+        map_loss = _map_loss(lap, val_loader, _default_loss(lap))
+        if (reduce(torch.tensor([map_loss])).item() if reduce else map_loss) <= best:
+            tuned = torch.full_like(learned, math.inf)
     lap.predictive_prior_precision = tuned
     return float((tuned / learned).mean())
 
@@ -150,9 +161,28 @@ def _by_marglik(lap, n_steps, lr, init_prior_prec, prior_structure, progress_bar
     lap.prior_precision = log_prec.detach().exp()
 
 
+def _summed(values: Tensor) -> Tensor:
+    from .parallel import sum_over_processes
+
+    return sum_over_processes(values)
+
+
 def _by_gridsearch(
-    lap, grid, val_loader, pred_type, link_approx, n_samples, loss, relative, progress_bar
+    lap,
+    grid,
+    val_loader,
+    pred_type,
+    link_approx,
+    n_samples,
+    loss,
+    relative,
+    progress_bar,
+    reduce: Callable[[Tensor], Tensor] | None = None,
 ) -> float:
+    """Set ``lap.prior_precision`` to the grid value (times the current precisions with
+    ``relative``) of the lowest total ``loss`` on ``val_loader``, and return that total.
+    ``reduce``: applied to the totals of all grid values before the choice (their sums over
+    processes)."""
     base = lap.prior_precision.clone() if relative else torch.ones(1, dtype=lap.dtype)
     loss = loss or _default_loss(lap)
     # a grid value scales the base: the priors of the grid are isotropic per tensor iff it is
@@ -171,6 +201,8 @@ def _by_gridsearch(
         except torch.linalg.LinAlgError:  # a precision too small to factorise
             total = math.inf
         results.append(total if math.isfinite(total) else math.inf)
+    if reduce is not None:
+        results = reduce(torch.tensor(results, dtype=torch.float64)).tolist()
     if all(r == math.inf for r in results):
         raise ValueError("gridsearch: the predictive loss is not finite at any grid value.")
     best = int(torch.tensor(results).argmin())

@@ -4,7 +4,9 @@ process) or under torch.distributed.run with 2 CPU processes (gloo). Checkpoints
 a run with any number of processes). ``HF_MARGLIK_TEST_SUBSET=0.5`` in the environment fits the
 curvature on a curvature-weighted half of the data (``marglik_subset``);
 ``HF_MARGLIK_TEST_ONLINE=1`` gathers it online from the training steps (empirical Fisher, so
-that the labels are the same for any number of processes)."""
+that the labels are the same for any number of processes); ``HF_MARGLIK_TEST_GRIDSEARCH=1``
+tunes the predictive's prior on :func:`eval_data` (``predictive_prior="gridsearch"``), which
+the Trainer shards across processes."""
 
 import json
 import os
@@ -16,7 +18,28 @@ from models import TinyData, TinyNet  # tests/ is this script's folder
 from hf_marglik import MargLikTrainer, MargLikTrainingArguments
 
 
+def learnable_data(n: int, seed: int) -> TinyData:
+    """``n`` examples whose labels are a linear rule of ``x`` (the model can learn them)."""
+    data = TinyData(n)
+    g = torch.Generator().manual_seed(seed)
+    data.x = torch.randn(n, 4, generator=g, dtype=torch.float64)
+    rule = torch.tensor([[2.0, -1.0, 0.0], [0.0, 2.0, -1.0], [-1.0, 0.0, 2.0], [1.0, 1.0, 1.0]])
+    data.y = (data.x @ rule.double()).argmax(-1)
+    return data
+
+
+def eval_data() -> TinyData:
+    """16 examples of the training rule; in every second batch of 4 (the second process's
+    shard) the labels are moved to the next class. The model is right and confident on the
+    first process's shard, confidently wrong on the second's: alone, each shard prefers another
+    predictive prior than the whole split does."""
+    data = learnable_data(16, 1)
+    data.y = torch.where(torch.arange(16) % 8 < 4, data.y, (data.y + 1) % 3)
+    return data
+
+
 def main(out_dir: str, per_device_batch: int, resume: str | None = None) -> None:
+    gridsearch = bool(os.environ.get("HF_MARGLIK_TEST_GRIDSEARCH"))
     torch.manual_seed(0)
     model = TinyNet().double()
     args = MargLikTrainingArguments(
@@ -25,7 +48,7 @@ def main(out_dir: str, per_device_batch: int, resume: str | None = None) -> None
         use_cpu=True,
         per_device_train_batch_size=per_device_batch,
         per_device_eval_batch_size=per_device_batch,
-        learning_rate=1e-2,
+        learning_rate=1e-1 if gridsearch else 1e-2,
         num_train_epochs=3,
         save_strategy="steps",
         save_steps=3,
@@ -33,6 +56,7 @@ def main(out_dir: str, per_device_batch: int, resume: str | None = None) -> None
         dict_key_x="x",
         seed=0,
         disable_tqdm=True,
+        predictive_prior="gridsearch" if gridsearch else "marglik",
         marglik_subset=float(os.environ.get("HF_MARGLIK_TEST_SUBSET", 0)) or None,
         **(
             {"marglik_curvature": "online", "backend": "ef"}
@@ -43,7 +67,12 @@ def main(out_dir: str, per_device_batch: int, resume: str | None = None) -> None
             }
         ),
     )
-    trainer = MargLikTrainer(model=model, args=args, train_dataset=TinyData())
+    trainer = MargLikTrainer(
+        model=model,
+        args=args,
+        train_dataset=learnable_data(24, 0) if gridsearch else TinyData(),
+        eval_dataset=eval_data() if gridsearch else None,
+    )
     trainer.train(resume_from_checkpoint=resume)
     lap = trainer.laplace
     rank = int(os.environ.get("RANK", 0))
@@ -58,6 +87,11 @@ def main(out_dir: str, per_device_batch: int, resume: str | None = None) -> None
         "log_marglik": float(lap.log_marginal_likelihood()),
         "curvature": lap.curvature_dense().flatten().tolist(),
         "params": torch.cat([p.detach().flatten() for p in model.parameters()]).tolist(),
+        "predictive_prior_precision": (
+            None
+            if lap.predictive_prior_precision is None
+            else lap.predictive_prior_precision.tolist()
+        ),
     }
     with open(os.path.join(out_dir, f"result-{rank}.json"), "w") as f:
         json.dump(result, f)

@@ -24,6 +24,8 @@ def _run(cmd, tmp, subset=None):
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     if subset == "online":
         env["HF_MARGLIK_TEST_ONLINE"] = "1"
+    elif subset == "gridsearch":
+        env["HF_MARGLIK_TEST_GRIDSEARCH"] = "1"
     elif subset is not None:
         env["HF_MARGLIK_TEST_SUBSET"] = str(subset)
     proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
@@ -109,3 +111,25 @@ def test_checkpoints_written_once_resume_on_another_process_count(tmp_path):
     _check_same(json.loads((from_multi / "result-0.json").read_text()), ref)
     for r in range(2):
         _check_same(json.loads((from_single / f"result-{r}.json").read_text()), ref)
+
+
+def test_predictive_prior_gridsearch_chooses_over_the_whole_eval_split(tmp_path):
+    """``predictive_prior="gridsearch"`` with 2 processes: the Trainer gives each process a
+    shard of the eval split, and the candidates' losses are summed over the processes, so both
+    choose the prior that one process chooses on the whole split. The worker's eval split is
+    built so that each shard alone would choose differently (the MAP on one, the grid's lowest
+    value on the other)."""
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    single.mkdir()
+    multi.mkdir()
+    _run([sys.executable, WORKER, str(single), "8"], tmp_path, "gridsearch")
+    port = f"--master_port={_free_port()}"
+    ddp = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", port, WORKER]
+    _run(ddp + [str(multi), "4"], tmp_path, "gridsearch")
+    ref = json.loads((single / "result-0.json").read_text())
+    k = [a / b for a, b in zip(ref["predictive_prior_precision"], ref["prior_precision"])]
+    assert 1e-4 < k[0] < 1e4 and k[0] == pytest.approx(k[-1])  # an inner grid value
+    for r in range(2):
+        got = json.loads((multi / f"result-{r}.json").read_text())
+        _close(got["prior_precision"], ref["prior_precision"])
+        _close(got["predictive_prior_precision"], ref["predictive_prior_precision"])
