@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from . import batches as B
 from .options import Likelihood, LinkApprox, PredType, PriorStructure, TuningMethod, coerce
+from .parallel import sum_over_processes as _sum_over_processes
 from .prior import Prior
 
 
@@ -52,7 +53,7 @@ def optimize_prior_precision(
     progress_bar: bool = False,
     log_prior_prec_base: float = 10.0,
     relative: bool = False,
-) -> float | None:
+) -> None:
     """Set ``lap.prior_precision`` by ``method`` (see the module docstring).
 
     ``loss(prediction, y)`` (gridsearch): a callable of what ``lap(x, pred_type, ...)`` returns
@@ -60,7 +61,6 @@ def optimize_prior_precision(
     batch's targets, giving a per-batch sum; the grid value with the lowest total wins.
     ``prior_structure`` (marglik): the layout of a float ``init_prior_prec``, by default
     ``"scalar"`` (laplace-torch's); a tensor ``init_prior_prec`` keeps its own layout.
-    Returns the lowest validation loss (gridsearch), or None (marglik).
     """
     pred_type = coerce(PredType, pred_type, "pred_type")
     link_approx = coerce(LinkApprox, link_approx, "link_approx")
@@ -75,7 +75,6 @@ def optimize_prior_precision(
                 stacklevel=3,
             )
         _by_marglik(lap, n_steps, lr, init_prior_prec, prior_structure, progress_bar)
-        best = None
     else:
         if val_loader is None:
             raise ValueError(
@@ -87,12 +86,11 @@ def optimize_prior_precision(
         grid = torch.logspace(
             log_prior_prec_min, log_prior_prec_max, grid_size, base=log_prior_prec_base
         ).to(lap.dtype)
-        best = _by_gridsearch(
+        _by_gridsearch(
             lap, grid, val_loader, pred_type, link_approx, n_samples, loss, relative, progress_bar
         )
     if verbose:
         print(f"Optimized prior precision is {lap.prior_precision}.")
-    return best
 
 
 def tune_predictive_prior(
@@ -128,16 +126,15 @@ def tune_predictive_prior(
     learned = lap.prior_precision.clone()
     lap.predictive_prior_precision = None
     grid = torch.logspace(-4, 4, 100).to(lap.dtype)  # optimize_prior_precision's default grid
-    reduce = _summed if sum_over_processes else None
+    reduce = _sum_over_processes if sum_over_processes else None
     best = _by_gridsearch(
         lap, grid, val_loader, pred_type, link_approx, n_samples, None, True, False, reduce
     )
     tuned = lap.prior_precision.clone()
     lap.prior_precision = learned
-    map_is_the_limit = pred_type == PredType.NN or link_approx in (LinkApprox.PROBIT, LinkApprox.MC)
-    if map_is_the_limit:
-        map_loss = _map_loss(lap, val_loader, _default_loss(lap))
-        if (reduce(torch.tensor([map_loss])).item() if reduce else map_loss) <= best:
+    if pred_type == PredType.NN or link_approx in (LinkApprox.PROBIT, LinkApprox.MC):
+        map_loss = torch.tensor([_map_loss(lap, val_loader, _default_loss(lap))])
+        if float((reduce(map_loss) if reduce else map_loss)[0]) <= best:
             tuned = torch.full_like(learned, math.inf)
     lap.predictive_prior_precision = tuned
     return float((tuned / learned).mean())
@@ -159,12 +156,6 @@ def _by_marglik(lap, n_steps, lr, init_prior_prec, prior_structure, progress_bar
         neg.backward()
         optimizer.step()
     lap.prior_precision = log_prec.detach().exp()
-
-
-def _summed(values: Tensor) -> Tensor:
-    from .parallel import sum_over_processes
-
-    return sum_over_processes(values)
 
 
 def _by_gridsearch(
