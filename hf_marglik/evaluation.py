@@ -9,11 +9,14 @@ from .metrics import calibration_metrics
 
 
 def calibration_report(
-    lap, loader, pred_type="glm", link_approx="probit", n_samples=100, generator=None
+    lap, loader, pred_type="glm", link_approx="probit", n_samples=100, generator=None, gather=None
 ) -> dict[str, float]:
     """``accuracy``, ``nll``, ``ece``, ``brier`` of the MAP model (softmax of the logits) and
     the same with a ``laplace_`` prefix for the Laplace predictive ``lap(batch, ...)``, over the
-    examples of ``loader`` with a label (classification)."""
+    examples of ``loader`` with a label (classification). ``gather``: applied to each batch's
+    ``(MAP probabilities, Laplace probabilities, labels)`` (the Trainer's
+    ``accelerator.gather_for_metrics``, where ``loader`` is this process's shard), so that the
+    metrics are those of the whole split on every process."""
     model = lap.model
     map_probs, lap_probs, labels = [], [], []
     was_training = model.training
@@ -31,9 +34,13 @@ def calibration_report(
                 n_samples=n_samples,
                 generator=generator,
             )
+            batch_probs = (torch.softmax(logits.double(), -1), probs.double())
+            y = y.to(probs.device)
+            if gather is not None:
+                *batch_probs, y = gather((*batch_probs, y))
             keep = y != B.IGNORE_INDEX
-            map_probs.append(torch.softmax(logits.double(), -1)[keep.to(logits.device)].cpu())
-            lap_probs.append(probs.double()[keep.to(probs.device)].cpu())
+            map_probs.append(batch_probs[0][keep].cpu())
+            lap_probs.append(batch_probs[1][keep].cpu())
             labels.append(y[keep].cpu())
     finally:
         model.train(was_training)

@@ -462,6 +462,7 @@ class MargLikTrainerMixin:
             a.link_approx,
             a.predictive_samples,
             torch.Generator().manual_seed(a.seed),
+            gather=self.accelerator.gather_for_metrics,  # each process evaluates a shard
         )
         extra = {}
         for key, value in report.items():

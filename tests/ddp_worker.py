@@ -6,7 +6,7 @@ curvature on a curvature-weighted half of the data (``marglik_subset``);
 ``HF_MARGLIK_TEST_ONLINE=1`` gathers it online from the training steps (empirical Fisher, so
 that the labels are the same for any number of processes); ``HF_MARGLIK_TEST_GRIDSEARCH=1``
 tunes the predictive's prior on :func:`eval_data` (``predictive_prior="gridsearch"``), which
-the Trainer shards across processes."""
+the Trainer shards across processes, and evaluates on it."""
 
 import json
 import os
@@ -74,6 +74,7 @@ def main(out_dir: str, per_device_batch: int, resume: str | None = None) -> None
         eval_dataset=eval_data() if gridsearch else None,
     )
     trainer.train(resume_from_checkpoint=resume)
+    metrics = trainer.evaluate() if gridsearch else {}
     lap = trainer.laplace
     rank = int(os.environ.get("RANK", 0))
     result = {
@@ -87,6 +88,7 @@ def main(out_dir: str, per_device_batch: int, resume: str | None = None) -> None
         "log_marglik": float(lap.log_marginal_likelihood()),
         "curvature": lap.curvature_dense().flatten().tolist(),
         "params": torch.cat([p.detach().flatten() for p in model.parameters()]).tolist(),
+        "eval": {k: v for k, v in metrics.items() if k.startswith(("eval_map_", "eval_laplace_"))},
         "predictive_prior_precision": (
             None
             if lap.predictive_prior_precision is None

@@ -113,12 +113,13 @@ def test_checkpoints_written_once_resume_on_another_process_count(tmp_path):
         _check_same(json.loads((from_single / f"result-{r}.json").read_text()), ref)
 
 
-def test_predictive_prior_gridsearch_chooses_over_the_whole_eval_split(tmp_path):
+def test_predictive_prior_gridsearch_and_eval_metrics_over_the_whole_eval_split(tmp_path):
     """``predictive_prior="gridsearch"`` with 2 processes: the Trainer gives each process a
     shard of the eval split, and the candidates' losses are summed over the processes, so both
     choose the prior that one process chooses on the whole split. The worker's eval split is
     built so that each shard alone would choose differently (the MAP on one, the grid's lowest
-    value on the other)."""
+    value on the other). ``evaluate()``'s MAP and Laplace metrics are gathered over the shards:
+    those of the whole split on every process."""
     single, multi = tmp_path / "single", tmp_path / "multi"
     single.mkdir()
     multi.mkdir()
@@ -133,3 +134,6 @@ def test_predictive_prior_gridsearch_chooses_over_the_whole_eval_split(tmp_path)
         got = json.loads((multi / f"result-{r}.json").read_text())
         _close(got["prior_precision"], ref["prior_precision"])
         _close(got["predictive_prior_precision"], ref["predictive_prior_precision"])
+        assert got["eval"].keys() == ref["eval"].keys() and len(ref["eval"]) == 8
+        for key in ref["eval"]:
+            _close(got["eval"][key], ref["eval"][key])
