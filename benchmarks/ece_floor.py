@@ -9,7 +9,9 @@ perfectly calibrated predictor has ECE 0 in expectation over infinitely many exa
 (``--draws`` times): the predictions are then calibrated by construction, so the mean ECE over
 draws is the ECE that perfect calibration with these confidences would show on ``n`` examples
 (the floor), and its 95% quantile the largest such ECE that seed noise gives. It also gives the
-bootstrap standard error of the observed ECE (examples resampled with replacement).
+bootstrap standard error of the observed ECE (examples resampled with replacement), the accuracy
+and the mean confidence (top-class probability) minus the accuracy: positive for an
+overconfident predictor, negative for an underconfident one.
 
 Reads every run of the folders (``runs/*/predictions.pt``: the MAP and, for ``--marglik`` runs,
 the Laplace predictive) and every post-hoc job (``posthoc/*/probs.pt``: each variant). Prints one
@@ -93,17 +95,22 @@ def main(argv=None) -> int:
                     f_mean,
                     f_q95,
                     bootstrap_se(probs, y, args.draws, gen),
+                    float((probs.argmax(-1) == y).double().mean()),
+                    float(probs.max(-1).values.mean() - (probs.argmax(-1) == y).double().mean()),
                     len(y),
                 )
             )
     print(
-        "| cell | arm | seeds | n test | observed ECE | floor (calibrated, same confidences) | floor 95% | bootstrap s.e. |"
+        "| cell | arm | seeds | n test | observed ECE | floor (calibrated, same confidences) "
+        "| floor 95% | bootstrap s.e. | accuracy | confidence − accuracy |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for (cell, arm), r in sorted(rows.items()):
-        m = [statistics.fmean(x[i] for x in r) for i in range(1, 5)]
+        m = [statistics.fmean(x[i] for x in r) for i in range(1, 7)]
         print(
-            f"| {cell} | {arm} | {len(r)} | {r[0][5]} | {m[0]:.3f} | {m[1]:.3f} | {m[2]:.3f} | {m[3]:.3f} |"
+            f"| {cell} | {arm} | {len(r)} | {r[0][7]} | "
+            + " | ".join(f"{v:.3f}" for v in m[:5])
+            + f" | {m[5]:+.3f} |"
         )
     return 0
 
