@@ -194,6 +194,33 @@ def test_posthoc_laplace_arms_tune_the_prior_after_training(copy, one_thread):
     assert (copy / "figures" / "tiny-default-reliability.png").stat().st_size > 10_000
 
 
+@pytest.mark.parametrize("structure", ["kron", "full"])
+def test_posthoc_predictives_of_one_pass_equal_the_laplace_call(structure):
+    """The post-hoc job's test pass (one Jacobian pass per target, every tuned prior from the
+    same Jacobians) gives what ``target(x)`` gives at each prior, over all tensors and over the
+    last layer's restriction, for scalar and layerwise priors."""
+    import models as M
+
+    from hf_marglik import Laplace
+    from hf_marglik.recipe.study_posthoc import _predictives
+
+    torch.manual_seed(0)
+    model, tiny = M.TinyNet().double(), M.TinyData()
+    data = [{"x": tiny.x[i : i + 8], "labels": tiny.y[i : i + 8]} for i in (0, 8, 16)]
+    lap = Laplace(model, "classification", hessian_structure=structure, dict_key_x="x")
+    lap.fit(data)
+    for target in (lap, lap.restricted_to("last_layer")):
+        n = len(target.sizes)
+        priors = {"scalar": torch.tensor([0.3]), "layerwise": torch.linspace(0.5, 4.0, n)}
+        got, labels = _predictives(target, priors, data)
+        assert torch.equal(labels, torch.cat([b["labels"] for b in data]))
+        for name, prior in priors.items():
+            target.prior_precision = prior
+            want = torch.cat([target({"x": b["x"]}).double() for b in data])
+            torch.testing.assert_close(got[name], want, rtol=1e-10, atol=1e-12)
+        assert (got["scalar"] - got["layerwise"]).abs().max() > 1e-3  # each its own prior
+
+
 def test_marglik_predictive_job_reproduces_the_runs_test_laplace(copy, one_thread):
     """The saved posterior's predictive, tuned again over each subset of weights: the variant
     of the run's own setting gives the run's test_laplace (the job redoes what train.py did)."""
