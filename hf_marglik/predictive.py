@@ -123,8 +123,10 @@ def laplace_bridge(mean: Tensor, cov: Tensor, normalise: bool = False) -> Tensor
     ``α_k = (1 − 2/K + e^{μ_k} Σ_l e^{−μ_l} / K²) / v_k`` and the prediction is ``α / Σα``,
     computed from ``log α`` (a softmax), so that logits far apart do not overflow.
     ``normalise``: ``μ`` and ``v`` first divided by ``sqrt(c)`` and ``c``,
-    ``c = mean(v) / sqrt(K/2)``. The bridge is not the softmax's limit at vanishing variance:
-    scaling the covariance leaves its prediction unchanged."""
+    ``c = mean(v) / sqrt(K/2)``. Neither is the softmax's limit at vanishing variance: without
+    ``normalise`` scaling the covariance leaves the prediction unchanged; with it a smaller
+    covariance sharpens the prediction (the logits are divided by ``sqrt(c)``), so a prior grid
+    can make it more confident than the MAP."""
     k = mean.shape[-1]
     row = cov.sum(-1)  # Σ1, (n, k)
     total = row.sum(-1, keepdim=True)  # 1ᵀΣ1

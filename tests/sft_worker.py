@@ -8,6 +8,7 @@ import os
 import sys
 
 import torch
+from models import run_worker  # tests/ is this script's folder
 from sft_data import byte_tokenizer, dataset, lora_config, sft_args, tiny_llama
 
 from hf_marglik import MargLikSFTTrainer
@@ -46,14 +47,4 @@ def main(out_dir: str, per_device_batch: int) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1], int(sys.argv[2]))
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-    # The results are written. Under torch.distributed.run the interpreter's teardown aborted
-    # now and then ("terminate called without an active exception", a C++ thread destroyed at
-    # exit; about 1 run in 15 on a loaded 2-core machine): end without it.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    run_worker(main, sys.argv[1], int(sys.argv[2]))
