@@ -13,7 +13,7 @@ Public API:
 - The options, as ``str`` Enums: :class:`Likelihood`, :class:`HessianStructure`,
   :class:`Backend`, :class:`KFACApprox`, :class:`PriorStructure`, :class:`PredType`,
   :class:`LinkApprox`, :class:`SubsetSampling`, :class:`TuningMethod`, :class:`CurvatureSource`,
-  :class:`PredictivePrior`, :class:`SubsetOfWeights`, :class:`PriorMean`.
+  :class:`PredictivePrior`, :class:`SubsetOfWeights`, :class:`PriorMean`, :class:`PriorApplication`.
 - :func:`calibration_metrics` — accuracy, NLL, ECE and Brier score of predicted probabilities.
 """
 
@@ -32,6 +32,7 @@ from .options import (
     LinkApprox,
     PredictivePrior,
     PredType,
+    PriorApplication,
     PriorMean,
     PriorStructure,
     SubsetOfWeights,
@@ -83,6 +84,7 @@ __all__ = [
     "CurvatureSource",
     "PredictivePrior",
     "SubsetOfWeights",
+    "PriorApplication",
     "PriorMean",
     "calibration_metrics",
 ]

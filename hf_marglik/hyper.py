@@ -124,6 +124,14 @@ class HyperOptimizer:
         fix_sigma_noise: keep ``σ = sigma_noise_init`` (regression); ``σ`` is 1 and not learned
             for categorical likelihoods.
         lr_hyp: Adam's step size.
+        tie_groups: for a ``"layerwise"`` prior, the group of each tensor (integers from 0):
+            the tensors of one group share one learned precision (e.g. ``lora_A`` and
+            ``lora_B`` of one adapter, :func:`~hf_marglik.lora.lora_groups`). The precision the
+            rest of the library sees (:attr:`prior_precision`, the :class:`Laplace`'s) is still
+            one value per tensor; only the hyper-optimiser's parameters are tied. None: untied.
+        max_log_step: a trust region: one update (:meth:`step`) moves each ``log δ`` by at most
+            this much from where the update started (projected Adam). None: unbounded
+            (laplace-torch's).
     """
 
     def __init__(
@@ -138,6 +146,8 @@ class HyperOptimizer:
         lr_hyp: float = 0.1,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        tie_groups: list[int] | None = None,
+        max_log_step: float | None = None,
     ):
         check_settings(
             lr_hyp=lr_hyp,
@@ -154,6 +164,16 @@ class HyperOptimizer:
         self.sigma_noise_init = float(sigma_noise_init)
         self.sizes = list(sizes)
         n_prec = Prior.size(self.prior_structure, self.sizes)
+        self.tie_groups = None if tie_groups is None else [int(g) for g in tie_groups]
+        if self.tie_groups is not None:
+            n_prec = _check_groups(self.tie_groups, self.sizes, self.prior_structure)
+            self._group_index = torch.tensor(self.tie_groups, device=device)
+        if max_log_step is not None and not (max_log_step > 0 and math.isfinite(max_log_step)):
+            raise ValueError(
+                f"max_log_step={max_log_step!r} is invalid; set it to a positive float (the "
+                "largest change of log prior precision per update, e.g. 1.0) or None."
+            )
+        self.max_log_step = max_log_step
         dtype = torch.get_default_dtype() if dtype is None else dtype
         init = math.log(temperature * prior_prec_init)
         self.log_prior_prec = torch.full((n_prec,), init, device=device, dtype=dtype)
@@ -178,8 +198,33 @@ class HyperOptimizer:
 
     @property
     def prior_precision(self) -> Tensor:
-        """``δ = exp(log δ)``, detached."""
-        return self.log_prior_prec.detach().exp()
+        """``δ = exp(log δ)``, detached (with ``tie_groups``: one value per tensor)."""
+        return self._expand(self.log_prior_prec.detach().exp())
+
+    def _expand(self, prec: Tensor) -> Tensor:
+        """Tied precisions (one per group) as one per tensor; others as they are."""
+        return prec if self.tie_groups is None else prec[self._group_index]
+
+    def decay_(self, params: list[Tensor], lrs: list[float], n_data: int) -> None:
+        """The decoupled application of the prior (:class:`~hf_marglik.PriorApplication`):
+        ``θ ← θ − lr·(δ/(N·c))·(θ − μ)`` in place, per tensor with its learning rate ``lrs``
+        (``δ`` per tensor or per parameter, ``c`` the crit factor, ``μ`` the prior's mean).
+        With SGD this is the gradient step of the loss's prior term; with Adam it bypasses the
+        preconditioner, as AdamW's weight decay does."""
+        prior = Prior(self.prior_precision, self.sizes)
+        mus = (
+            [None] * len(params)
+            if self.prior_mean is None
+            else torch.split(self.prior_mean, self.sizes)
+        )
+        scale = 1.0 / (n_data * self.crit_factor)
+        with torch.no_grad():
+            for p, lr, prec, mu in zip(params, lrs, prior.per_tensor(), mus):
+                rate = (lr * scale) * prec.to(p.dtype).reshape(-1 if prec.numel() == 1 else p.shape)
+                if prec.numel() == 1:
+                    rate = rate.reshape(())
+                centred = p if mu is None else p - mu.to(p.dtype).reshape(p.shape)
+                p.sub_(rate * centred)
 
     @property
     def sigma_noise(self) -> Tensor:
@@ -232,9 +277,10 @@ class HyperOptimizer:
         hyperparameters keep their previous values.
         """
         values: list[float] = []
+        start = self.log_prior_prec.detach().clone()
         for _ in range(n_hypersteps):
             self.optimizer.zero_grad()
-            prec = self.log_prior_prec.exp()
+            prec = self._expand(self.log_prior_prec.exp())
             sigma = self.log_sigma_noise.exp().reshape(()) if self.learns_sigma else None
             try:
                 neg = -lap.log_marginal_likelihood(prec, sigma)
@@ -252,6 +298,12 @@ class HyperOptimizer:
                 break
             saved = self._snapshot()
             self.optimizer.step()
+            if self.max_log_step is not None:  # the trust region: a projected step
+                with torch.no_grad():
+                    r = self.max_log_step
+                    self.log_prior_prec.copy_(
+                        torch.minimum(torch.maximum(self.log_prior_prec, start - r), start + r)
+                    )
             values.append(neg.item())
             self._record(prec, sigma)
             if not self._valid():
@@ -334,3 +386,18 @@ class HyperOptimizer:
         self.evaluated_sigma_noise = sd["evaluated_sigma_noise"].to(device, dtype)
         mu = sd.get("prior_mean")
         self.prior_mean = None if mu is None else mu.to(device)
+
+
+def _check_groups(groups: list[int], sizes: list[int], structure: PriorStructure) -> int:
+    """The number of tied precisions of ``groups``; a ``ValueError`` for an invalid grouping."""
+    if structure != PriorStructure.LAYERWISE:
+        raise ValueError(
+            f"Tied precisions (tie_groups) group the tensors of a layerwise prior; "
+            f"prior_structure={structure.value!r}. Set prior_structure='layerwise'."
+        )
+    if len(groups) != len(sizes):
+        raise ValueError(f"tie_groups has {len(groups)} entries for {len(sizes)} tensors.")
+    n = max(groups) + 1 if groups else 0
+    if min(groups, default=0) < 0 or sorted(set(groups)) != list(range(n)):
+        raise ValueError(f"tie_groups must number the groups 0, 1, ..., n-1; got {groups}.")
+    return n

@@ -17,12 +17,14 @@ from .batches import call_model, nll_sum, split_batch, targets_for, to_device
 from .hyper import HyperOptimizer, check_settings, count_data_points
 from .laplace import Laplace
 from .loop import MargLikLoop
+from .lora import lora_groups
 from .online import OnlineCurvature, interval_for_budget
 from .options import (
     Backend,
     CurvatureSource,
     HessianStructure,
     Likelihood,
+    PriorApplication,
     PriorStructure,
     coerce,
 )
@@ -80,6 +82,9 @@ def marglik_training(
     *,
     marglik_curvature: CurvatureSource | str = "fit",
     marglik_budget: float = 0.25,
+    prior_application: PriorApplication | str = "loss",
+    tie_lora_prior: bool = False,
+    max_log_prior_step: float | None = None,
 ) -> tuple[Laplace, nn.Module, list[float], list[float]]:
     """Marginal-likelihood training (Algorithm 1 of Immer et al., ICML 2021).
 
@@ -124,7 +129,12 @@ def marglik_training(
     ``k = ceil((2/3) / marglik_budget)``), as :class:`~hf_marglik.MargLikTrainer` does by
     default. It saves the pass (about an epoch per update) at the price of factors that mix
     the parameters of the window and see dropout; the default ``"fit"`` keeps laplace-torch's
-    algorithm and numbers.
+    algorithm and numbers. The LoRA-prior settings of the trainers are keywords too:
+    ``prior_application="decoupled"`` (:class:`~hf_marglik.PriorApplication`: the loss is the
+    likelihood, and each optimizer step is followed by ``θ ← θ − lr·(δ_l/(N·c))·θ``),
+    ``tie_lora_prior`` (one precision per LoRA adapter, :func:`~hf_marglik.lora.lora_groups`)
+    and ``max_log_prior_step`` (a trust region on ``log δ`` per update). Their defaults are
+    laplace-torch's algorithm.
 
     Returns:
         ``(lap, model, margliks, losses)``: the Laplace approximation at the best parameters
@@ -148,7 +158,14 @@ def marglik_training(
         temperature=temperature,
         enable_backprop=enable_backprop,
     )
+    application = coerce(PriorApplication, prior_application, "prior_application")
     optimizer_kwargs = dict(optimizer_kwargs or {})
+    if application == PriorApplication.DECOUPLED and optimizer_kwargs.get("weight_decay", 0):
+        raise ValueError(
+            "prior_application='decoupled' decays the parameters by the learned prior, and "
+            "optimizer_kwargs has weight_decay > 0, which would decay them a second time. Leave "
+            "weight_decay out of optimizer_kwargs."
+        )
     if optimizer_kwargs.get("weight_decay", 0) != 0:
         warnings.warn("Weight decay is handled and optimized. Will be set to 0.", stacklevel=2)
         optimizer_kwargs["weight_decay"] = 0.0
@@ -172,6 +189,8 @@ def marglik_training(
         lr_hyp,
         device=params[0].device,
         dtype=params[0].dtype,
+        tie_groups=lora_groups(names) if tie_lora_prior else None,
+        max_log_step=max_log_prior_step,
     )
     N = count_data_points(train_loader, likelihood, dict_key_x, dict_key_y)
     optimizer = optimizer_cls(params, **optimizer_kwargs)
@@ -228,9 +247,18 @@ def marglik_training(
             if t.n_data == 0:
                 continue
             step += 1
-            total = hyper.likelihood_scale * nll_sum(t) + hyper.prior_term(params) * t.n_data / N
+            prior = hyper.prior_term(params) * t.n_data / N
+            data = hyper.likelihood_scale * nll_sum(t)
+            decoupled = application == PriorApplication.DECOUPLED
+            total = data if decoupled else data + prior
             loss = total / t.n_data
             loss.backward()
+            if (
+                decoupled
+            ):  # the prior's step, outside the optimizer's preconditioner (AdamW's order)
+                lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+                hyper.decay_(params, [float(lr_of.get(id(p), 0.0)) for p in params], N)
+                total = total + prior
             optimizer.step()
             epoch_loss += float(total.detach())
             if scheduler is not None:

@@ -165,6 +165,20 @@ class PriorMean(str, Enum):
     update ``θ − θ₀`` to 0, not LoRA A itself. Saved in the checkpoints and the posterior."""
 
 
+class PriorApplication(str, Enum):
+    """How the trainers apply the learned prior to the network's training."""
+
+    LOSS = "loss"
+    """The prior term ``½(θ − μ)ᵀP(θ − μ)/(N·c)`` is part of the loss (laplace-torch's and
+    Immer et al.'s log joint); its gradient passes through the optimiser's preconditioner (for
+    Adam, each tensor's prior gradient is rescaled into steps of about the learning rate)."""
+    DECOUPLED = "decoupled"
+    """The loss is the likelihood alone; at every optimizer step each tensor decays towards the
+    prior's mean, ``θ ← θ − lr·(δ_l/(N·c))·(θ − μ)``, outside the optimiser and before its
+    update (AdamW's decoupled weight decay with the learned strength ``δ_l/(N·c)``). With SGD
+    both are the same step; with Adam the decay is not rescaled by the preconditioner."""
+
+
 class PredictivePrior(str, Enum):
     """The prior precision of a trainer's posterior predictive (``trainer.laplace(...)``)."""
 

@@ -49,12 +49,14 @@ from .evaluation import calibration_report
 from .hyper import HyperOptimizer, batch_targets, count_data_points, likelihood_scale
 from .laplace import MAX_DENSE_BLOCK, Laplace
 from .loop import MargLikLoop
+from .lora import freeze_lora_a, lora_groups
 from .online import DEFAULT_BUDGET, OnlineCurvature, interval_for_budget
 from .options import (
     CurvatureSource,
     HessianStructure,
     Likelihood,
     PredictivePrior,
+    PriorApplication,
     PriorMean,
     PriorStructure,
     SubsetSampling,
@@ -84,6 +86,9 @@ class _MargLikCallback(TrainerCallback):
 
     def __init__(self, trainer: MargLikTrainerMixin):
         self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer._apply_decoupled_prior()
 
     def on_step_end(self, args, state, control, **kwargs):
         self.trainer._on_step_end()
@@ -181,6 +186,13 @@ class MargLikTrainerMixin:
         if not hasattr(Trainer, "loss_is_scaled_for_ga"):
             # older transformers divide the loss by the accumulation steps unless this is set
             self.model_accepts_loss_kwargs = True
+        if self.args.freeze_lora_a:
+            frozen = freeze_lora_a(self.model)
+            logger.info(
+                "freeze_lora_a: %d LoRA A factors frozen at their initialisation; LoRA B and the "
+                "other trainable tensors train.",
+                len(frozen),
+            )
         named = trainable_parameters(self.model)  # a clear error when nothing is trainable
         self._names, self._params = [n for n, _ in named], [p for _, p in named]
         self._check_inputs()  # before any work, so that scripts report them as bad input
@@ -279,6 +291,8 @@ class MargLikTrainerMixin:
             a.lr_hyp,
             device=self._params[0].device,
             dtype=self._params[0].dtype,
+            tie_groups=lora_groups(self._names) if a.tie_lora_prior else None,
+            max_log_step=a.max_log_prior_step,
         )
         if a.prior_mean == PriorMean.INIT:
             hyper.centre_prior_at(self._params)  # a resumed run loads the saved centre instead
@@ -313,9 +327,16 @@ class MargLikTrainerMixin:
         self._epoch_loss, self._epoch_items = 0.0, 0
         self._saved_epoch = (0.0, 0)
         self._check_schedule()
-        if self.optimizer is not None and any(
+        decays = self.optimizer is not None and any(
             g.get("weight_decay", 0) > 0 for g in self.optimizer.param_groups
-        ):
+        )
+        if decays and a.prior_application == PriorApplication.DECOUPLED:
+            raise ValueError(
+                "prior_application='decoupled' decays the parameters by the learned prior, and "
+                "the optimizer passed to the trainer has weight_decay > 0, which would decay "
+                "them a second time. Build it with weight_decay=0."
+            )
+        if decays:
             warnings.warn(
                 "The optimizer passed to the marginal-likelihood trainer has weight_decay > 0: it "
                 "adds to the learned prior. Build it with weight_decay=0.",
@@ -335,6 +356,8 @@ class MargLikTrainerMixin:
             empty = False
         if empty:
             raise ValueError("The training dataset is empty (0 examples): pass a train_dataset.")
+        if a.tie_lora_prior:
+            lora_groups(self._names)  # a clear error for a model without LoRA factors
         n_params = sum(p.numel() for p in self._params)
         if a.hessian_structure == HessianStructure.FULL and n_params > MAX_FULL_PARAMS:
             gb = n_params**2 * self._params[0].element_size() / 1e9
@@ -419,8 +442,14 @@ class MargLikTrainerMixin:
             if self._curvature_subset is not None:
                 ids = x[a.dict_key_x] if isinstance(x, Mapping) else x
                 self._curvature_subset.record(ids, mask, logits, self.state.global_step)
-            prior = self.marglik_loop.hyper.prior_term(self._params)
-            total = data_term + prior * (t.n_data / self.n_data)
+            prior = self.marglik_loop.hyper.prior_term(self._params) * (t.n_data / self.n_data)
+            if a.prior_application == PriorApplication.DECOUPLED:
+                # the prior acts at the optimizer step (_apply_decoupled_prior), not through the
+                # gradient; the recorded epoch loss is still the log joint
+                total = data_term
+                self._epoch_loss = self._epoch_loss + prior.detach()
+            else:
+                total = data_term + prior
             self._epoch_loss = self._epoch_loss + total.detach()  # no device sync per step
             self._epoch_items += t.n_data
             self.loss_is_scaled_for_ga = num_items_in_batch is not None
@@ -491,6 +520,16 @@ class MargLikTrainerMixin:
             return state.epoch >= a.n_epochs_burnin - 1
         ending = int(state.epoch + 1e-9) + 1  # the epoch this step belongs to, 1-based
         return ending % a.marglik_frequency == 0 and ending >= a.n_epochs_burnin
+
+    def _apply_decoupled_prior(self) -> None:
+        """``prior_application='decoupled'``: before the optimizer step (the gradient is already
+        computed, as AdamW decays before its update), each trainable tensor decays towards the
+        prior's mean at its parameter group's learning rate for this step."""
+        if self.args.prior_application != PriorApplication.DECOUPLED or self.marglik_loop is None:
+            return
+        lr_of = {id(p): g["lr"] for g in self.optimizer.param_groups for p in g["params"]}
+        lrs = [float(lr_of.get(id(p), 0.0)) for p in self._params]
+        self.marglik_loop.hyper.decay_(self._params, lrs, self.n_data)
 
     def _on_step_end(self) -> None:
         a, state = self.args, self.state

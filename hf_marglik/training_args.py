@@ -23,6 +23,7 @@ from .options import (
     LinkApprox,
     PredictivePrior,
     PredType,
+    PriorApplication,
     PriorMean,
     PriorStructure,
     SubsetOfWeights,
@@ -81,6 +82,17 @@ class MargLikArguments:
         prior_mean: ``"zero"`` (default, laplace-torch's) or ``"init"``: centre the prior at the
             trainable parameters when training starts, so that it pulls the update, not LoRA
             A's random initialisation, to zero (saved in checkpoints and the posterior).
+        prior_application: ``"loss"`` (default, laplace-torch's: the prior term in the loss) or
+            ``"decoupled"`` (the loss is the likelihood, and after every optimizer step each
+            tensor decays towards ``μ`` by ``lr·δ_l/(N·c)``, outside the optimiser's
+            preconditioner; :class:`~hf_marglik.PriorApplication`).
+        tie_lora_prior: one precision per LoRA adapter (its ``lora_A`` and ``lora_B``) and per
+            other module, instead of per tensor (:func:`~hf_marglik.lora.lora_groups`).
+        freeze_lora_a: train LoRA ``B`` only, ``A`` frozen at its random initialisation; the
+            prior and the Laplace approximation are then over ``B`` and the heads. It changes
+            which parameters of the model train, so it is off by default and logged when on.
+        max_log_prior_step: a trust region on each update: ``log δ`` moves by at most this much
+            per update (None: unbounded).
         temperature: likelihood temperature (laplace-torch's convention).
         fix_sigma_noise: keep the observation noise at ``sigma_noise_init`` (regression).
         lr_hyp: Adam step size on the log hyperparameters.
@@ -173,6 +185,37 @@ class MargLikArguments:
             "help": "Centre of the prior: 'zero' or 'init' (the trainable parameters when "
             "training starts: the prior then pulls the update, not LoRA A's init, to zero).",
             "choices": ["zero", "init"],
+        },
+    )
+    prior_application: str = field(
+        default="loss",
+        metadata={
+            "help": "How the prior acts on training: 'loss' (its term in the loss, through the "
+            "optimizer) or 'decoupled' (the loss is the likelihood; after each optimizer step "
+            "theta <- theta - lr*(delta/N)*(theta - mu), as AdamW's weight decay).",
+            "choices": [o.value for o in PriorApplication],
+        },
+    )
+    tie_lora_prior: bool = field(
+        default=False,
+        metadata={
+            "help": "One learned precision per LoRA adapter, shared by its lora_A and lora_B "
+            "(and one per other module), instead of one per tensor (prior_structure="
+            "'layerwise')."
+        },
+    )
+    freeze_lora_a: bool = field(
+        default=False,
+        metadata={
+            "help": "Train LoRA B only, with A frozen at its random initialisation (changes "
+            "which parameters train; logged). Prior and Laplace are then over B and the heads."
+        },
+    )
+    max_log_prior_step: float | None = field(
+        default=None,
+        metadata={
+            "help": "Trust region: the largest change of each log prior precision in one "
+            "marginal-likelihood update (e.g. 1.0). None: unbounded."
         },
     )
     sigma_noise_init: float = field(
@@ -318,6 +361,9 @@ class MargLikArguments:
         self.pred_type = coerce(PredType, self.pred_type, "pred_type")
         self.predictive_prior = coerce(PredictivePrior, self.predictive_prior, "predictive_prior")
         self.prior_mean = coerce(PriorMean, self.prior_mean, "prior_mean")
+        self.prior_application = coerce(
+            PriorApplication, self.prior_application, "prior_application"
+        )
         self.predictive_subset_of_weights = coerce(
             SubsetOfWeights, self.predictive_subset_of_weights, "predictive_subset_of_weights"
         )
@@ -334,6 +380,7 @@ class MargLikArguments:
         )
         self.backend = coerce(Backend, self.backend, "backend")
         self.prior_structure = coerce(PriorStructure, self.prior_structure, "prior_structure")
+        self._check_lora_prior()
         if self.kfac_approx is not None:
             self.kfac_approx = coerce(KFACApprox, self.kfac_approx, "kfac_approx")
         check_settings(
@@ -424,6 +471,26 @@ class MargLikArguments:
                 "fix_sigma_noise only applies to likelihood='regression'; it has no effect here.",
                 UserWarning,
                 stacklevel=2,
+            )
+
+    def _check_lora_prior(self) -> None:
+        """The LoRA-prior settings (their model checks come when the trainer sees the model)."""
+        if self.prior_application == PriorApplication.DECOUPLED and self.weight_decay > 0:
+            raise ValueError(
+                f"prior_application='decoupled' decays the parameters by the learned prior, and "
+                f"weight_decay={self.weight_decay} would decay them a second time. Set "
+                "weight_decay=0."
+            )
+        if self.tie_lora_prior and self.prior_structure != PriorStructure.LAYERWISE:
+            raise ValueError(
+                f"tie_lora_prior ties the per-tensor precisions of a layerwise prior; "
+                f"prior_structure={self.prior_structure.value!r}. Set prior_structure='layerwise'."
+            )
+        m = self.max_log_prior_step
+        if m is not None and not (m > 0 and math.isfinite(m)):
+            raise ValueError(
+                f"max_log_prior_step={m!r} is invalid; set it to a positive float (e.g. 1.0) or "
+                "None."
             )
 
     def _check_online(self) -> None:

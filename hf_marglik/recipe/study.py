@@ -440,6 +440,26 @@ ARMS: dict[str, Arm] = {
         "--marglik, the prior centred at the initialisation",
     ),
     **marglik_arms(
+        "marglik_decoupled",
+        ("--prior_application", "decoupled"),
+        "--marglik, the learned prior applied as decoupled decay",
+    ),
+    **marglik_arms(
+        "marglik_decoupled_tied",
+        ("--prior_application", "decoupled", "--tie_lora_prior", "true"),
+        "--marglik, decoupled decay, one precision per LoRA adapter",
+    ),
+    **marglik_arms(
+        "marglik_trust",
+        ("--max_log_prior_step", "1.0"),
+        "--marglik, log prior precision moved at most 1 per update",
+    ),
+    **marglik_arms(
+        "marglik_b_only",
+        ("--freeze_lora_a", "true"),
+        "--marglik, LoRA B only (A frozen at its initialisation)",
+    ),
+    **marglik_arms(
         "marglik_exact",
         ("--backend", "ggn", "--marglik_curvature", "fit"),
         "--marglik, exact GGN from a pass at every update",
