@@ -253,9 +253,7 @@ def marglik_training(
             total = data if decoupled else data + prior
             loss = total / t.n_data
             loss.backward()
-            if (
-                decoupled
-            ):  # the prior's step, outside the optimizer's preconditioner (AdamW's order)
+            if decoupled:  # the prior's step, before the optimizer's update (AdamW's order)
                 lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
                 hyper.decay_(params, [float(lr_of.get(id(p), 0.0)) for p in params], N)
                 total = total + prior
