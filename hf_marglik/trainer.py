@@ -49,6 +49,7 @@ from .evaluation import calibration_report
 from .hyper import HyperOptimizer, batch_targets, count_data_points, likelihood_scale
 from .laplace import MAX_DENSE_BLOCK, Laplace
 from .loop import MargLikLoop
+from .memory import check_memory
 from .online import DEFAULT_BUDGET, OnlineCurvature, interval_for_budget
 from .options import (
     CurvatureSource,
@@ -268,6 +269,7 @@ class MargLikTrainerMixin:
         if self.train_dataset is None:
             raise ValueError(f"{type(self).__name__}.train() needs a train_dataset.")
         self._check_inputs()
+        self.memory_plan = check_memory(self.model, a, self.eval_dataset)  # logs; refuses
         hyper = HyperOptimizer(
             [p.numel() for p in self._params],
             a.likelihood,
