@@ -50,6 +50,7 @@ from .hyper import HyperOptimizer, batch_targets, count_data_points, likelihood_
 from .laplace import MAX_DENSE_BLOCK, Laplace
 from .loop import MargLikLoop
 from .lora import freeze_lora_a, lora_groups
+from .memory import check_memory
 from .online import DEFAULT_BUDGET, OnlineCurvature, interval_for_budget
 from .options import (
     CurvatureSource,
@@ -280,6 +281,7 @@ class MargLikTrainerMixin:
         if self.train_dataset is None:
             raise ValueError(f"{type(self).__name__}.train() needs a train_dataset.")
         self._check_inputs()
+        self.memory_plan = check_memory(self.model, a, self.eval_dataset)  # logs; refuses
         hyper = HyperOptimizer(
             [p.numel() for p in self._params],
             a.likelihood,

@@ -14,6 +14,7 @@ import torch
 from transformers import TrainingArguments
 
 from .hyper import check_settings
+from .memory import parse_bytes
 from .options import (
     Backend,
     CurvatureSource,
@@ -131,6 +132,17 @@ class MargLikArguments:
         link_approx: ``"probit"`` (default), ``"mc"``, ``"bridge"`` or ``"bridge_norm"`` (the
             Laplace bridge; :class:`~hf_marglik.LinkApprox`) for the glm predictive.
         predictive_samples: samples of the ``"nn"`` predictive or of the ``"mc"`` link.
+
+    Memory:
+        marglik_memory_budget: the most bytes the curvature may hold at once (an int, or a
+            string such as ``"8GB"`` or ``"500MiB"``). When training starts the trainers log
+            the planned memory (:func:`hf_marglik.memory.estimate_curvature_memory`: K-FAC
+            factors or their sketches, eigenbases, the online window's sums, the GLM
+            predictive's Jacobians) and refuse a plan above the budget with a ``ValueError``
+            that names the settings that shrink it. None (default): what the device can spare,
+            on CUDA its free memory (``torch.cuda.mem_get_info`` plus the allocator's unused
+            reserve), on CPU 80% of the available system memory (``MemAvailable``); no check
+            on other devices.
 
     Interruptions:
         save_on_sigterm: on SIGTERM, save a checkpoint at the next optimizer-step boundary and
@@ -348,6 +360,15 @@ class MargLikArguments:
         default=100,
         metadata={"help": "Samples of the 'nn' predictive or of the 'mc' link."},
     )
+    marglik_memory_budget: int | str | None = field(
+        default=None,
+        metadata={
+            "help": "Most bytes the curvature may hold (K-FAC factors, eigenbases, the online "
+            "window, the predictive's Jacobians): an int or a string like '8GB' or '500MiB'; "
+            "training is refused before the first step when the estimate exceeds it. None: "
+            "what the device can spare (CUDA: its free memory; CPU: 80 percent of MemAvailable)."
+        },
+    )
     save_on_sigterm: bool = field(
         default=True,
         metadata={
@@ -368,6 +389,8 @@ class MargLikArguments:
             SubsetOfWeights, self.predictive_subset_of_weights, "predictive_subset_of_weights"
         )
         self.link_approx = coerce(LinkApprox, self.link_approx, "link_approx")
+        if self.marglik_memory_budget is not None:
+            self.marglik_memory_budget = parse_bytes(self.marglik_memory_budget)
         if self.factor_rank is not None and self.factor_rank < 1:
             raise ValueError(f"factor_rank={self.factor_rank} is invalid; set it to >= 1 or None.")
         if self.predictive_samples < 1:

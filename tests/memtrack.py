@@ -8,7 +8,8 @@ is first seen until it is freed (a ``weakref.finalize`` on the storage object, w
 keeps alive exactly as long as the storage). Storages that existed before the block (the
 parameters) are not counted; views share their base's storage and count nothing.
 
-Used by tests/test_precision.py (fit against training step) and benchmarks/bench_llm_memory.py.
+Used by tests/test_precision.py (fit against training step), tests/test_memory_plan.py (the
+planned peak against a run's) and benchmarks/bench_llm_memory.py.
 """
 
 from __future__ import annotations
