@@ -441,13 +441,14 @@ ARMS: dict[str, Arm] = {
     ),
     **marglik_arms(
         "marglik_decoupled",
-        ("--prior_application", "decoupled"),
-        "--marglik, the learned prior applied as decoupled decay",
+        ("--prior_application", "decoupled", "--restore_best_marglik", "false"),
+        "--marglik, the learned prior applied as decoupled decay, the last model kept",
     ),
     **marglik_arms(
         "marglik_decoupled_tied",
-        ("--prior_application", "decoupled", "--tie_lora_prior", "true"),
-        "--marglik, decoupled decay, one precision per LoRA adapter",
+        ("--prior_application", "decoupled", "--restore_best_marglik", "false")
+        + ("--tie_lora_prior", "true"),
+        "--marglik, decoupled decay, one precision per LoRA adapter, the last model kept",
     ),
     **marglik_arms(
         "marglik_trust",
