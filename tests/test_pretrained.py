@@ -152,11 +152,19 @@ def test_a_posterior_that_does_not_fit_the_model_is_refused(tmp_path):
         Laplace.from_pretrained(tmp_path / "post", longer)
 
 
-def test_bad_folders_are_refused_with_the_way_out(tmp_path):
+def test_bad_folders_are_refused_with_the_way_out(tmp_path, monkeypatch):
+    import huggingface_hub
+
     model, batches = mlp_classification()
     lap = Laplace(model, "classification").fit(batches)
     with pytest.raises(FileNotFoundError, match="owner/name"):
         Laplace.from_pretrained(tmp_path / "nowhere", model)
+    # an id that is no local folder goes to the Hub (offline here: its own error, no download)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(
+        huggingface_hub.errors.LocalEntryNotFoundError, match="offline|HF_HUB_OFFLINE"
+    ):
+        Laplace.from_pretrained("someone/no-such-posterior", model)
     (tmp_path / "old").mkdir()
     with pytest.warns(FutureWarning):
         lap.save(tmp_path / "old" / "laplace_posterior.pt")
