@@ -10,7 +10,7 @@ Model: the default config (pretrained all-MiniLM-L6-v2, LoRA r=8 on query/value,
 BBC News split), trained:
 
 - ``--adapter DIR``: the output_dir of a finished ``scripts/train.py --marglik`` run of the
-  default config. Its ``laplace_posterior.pt`` (the run's own final fit) is used when present;
+  default config. Its saved posterior (the run's own final fit) is used when present;
   otherwise the posterior is fitted once at the adapter (``kron``, the config's backend and
   ``kfac_approx``, seed = the config's seed) with the learned prior precisions of its
   ``marglik_hyperparameters.json``.
@@ -173,14 +173,15 @@ def _loader(dataset, prep, batch_size):
 
 
 def compressed(lap, rank: int | None, path: Path):
-    """A copy of ``lap`` compressed to ``rank`` (None: as is), saved to ``path``."""
+    """A copy of ``lap`` compressed to ``rank`` (None: as is), saved to the folder ``path``
+    (``save_pretrained``)."""
     from hf_marglik import Laplace
 
-    lap.save(path)
+    lap.save_pretrained(path)
     if rank is None:
         return lap
-    copy = Laplace.load(path, lap.model).compress(rank)
-    copy.save(path)
+    copy = Laplace.from_pretrained(path, lap.model).compress(rank)
+    copy.save_pretrained(path)
     return copy
 
 
@@ -203,9 +204,10 @@ def measure(args, cfg, prep, model, lap, tmp: Path) -> tuple[list[dict], dict]:
 
     from hf_marglik.metrics import calibration_metrics
     from hf_marglik.predictive import glm_covariance, glm_jacobians
+    from hf_marglik.pretrained import TENSORS_NAME
 
     ranks: list[int | None] = [None, *sorted(set(args.ranks))]
-    laps = {r: compressed(lap, r, tmp / f"posterior_{r or 'full'}.pt") for r in ranks}
+    laps = {r: compressed(lap, r, tmp / f"posterior_{r or 'full'}") for r in ranks}
     widths = stored_factor_widths(lap)
     test = prep.encoded["test"]
     if args.max_test_samples is not None:
@@ -235,7 +237,7 @@ def measure(args, cfg, prep, model, lap, tmp: Path) -> tuple[list[dict], dict]:
         p = torch.cat(probs[r]).double()
         lml = float(laps[r].log_marginal_likelihood())
         diff = (p - p_full).abs()
-        size = (tmp / f"posterior_{r or 'full'}.pt").stat().st_size
+        size = (tmp / f"posterior_{r or 'full'}" / TENSORS_NAME).stat().st_size
         rows.append(
             {
                 "rank": r,

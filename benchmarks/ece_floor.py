@@ -13,7 +13,7 @@ bootstrap standard error of the observed ECE (examples resampled with replacemen
 and the mean confidence (top-class probability) minus the accuracy: positive for an
 overconfident predictor, negative for an underconfident one.
 
-Reads every run of the folders (``runs/*/predictions.pt``: the MAP and, for ``--marglik`` runs,
+Reads every run of the folders (``runs/*/predictions.*``: the MAP and, for ``--marglik`` runs,
 the Laplace predictive) and every post-hoc job (``posthoc/*/probs.pt``: each variant). Prints one
 row per (cell, arm) with the mean over seeds.
 """
@@ -58,10 +58,14 @@ def bootstrap_se(probs: torch.Tensor, y: torch.Tensor, draws: int, gen) -> float
 
 def predictions(folder: Path):
     """``(cell, arm, seed, probs, labels)`` of every run and job under ``folder``."""
-    for path in sorted(folder.glob("*/*/runs/*/predictions.pt")):
-        cell = "/".join(path.parts[-5:-3])
-        run, seed = path.parent.name.rsplit("-seed", 1)
-        p = torch.load(path, weights_only=False)
+    from hf_marglik.recipe.report import load_predictions
+
+    runs = {p.parent for pattern in ("predictions.json", "predictions.pt")
+            for p in folder.glob(f"*/*/runs/*/{pattern}")}  # fmt: skip
+    for path in sorted(runs):
+        cell = "/".join(path.parts[-4:-2])
+        run, seed = path.name.rsplit("-seed", 1)
+        p = load_predictions(path)
         labels = p["test"]["labels"]
         yield cell, f"{run} MAP", int(seed), torch.softmax(p["test"]["logits"].double(), -1), labels
         if p.get("test_laplace"):

@@ -157,7 +157,7 @@ def measure(run_dir: str, seed: int, threads: int, cache: Path | None) -> dict:
         tk = saved["tk"]
         res.update(saved["timing"])
         for approx in approxes:
-            laps[f"K-FAC {approx}"] = Laplace.load(cache / f"kfac_{approx}.pt", model)
+            laps[f"K-FAC {approx}"] = Laplace.from_pretrained(cache / f"kfac_{approx}", model)
         print(f"[{time.time() - t_start:.0f}s] loaded {state_file}", flush=True)
     else:
         timing = {}
@@ -189,7 +189,7 @@ def measure(run_dir: str, seed: int, threads: int, cache: Path | None) -> dict:
             keep = {k: v for k, v in fs.__dict__.items() if k not in ("model", "_lap", "_params")}
             torch.save({"fs": keep, "tk": tk, "timing": timing}, state_file)
             for approx in approxes:
-                laps[f"K-FAC {approx}"].save(cache / f"kfac_{approx}.pt")
+                laps[f"K-FAC {approx}"].save_pretrained(cache / f"kfac_{approx}")
     for lap in laps.values():
         lap.prior_precision = learned.to(lap.prior_precision.dtype)
     # one evidence evaluation (forward; forward + backward) at N·C outputs

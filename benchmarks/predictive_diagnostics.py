@@ -1,6 +1,6 @@
 """Where the Laplace predictive's variance comes from, on a finished ``--marglik`` run.
 
-Loads the adapter and ``laplace_posterior.pt`` of a run of the default config (or ``--config``),
+Loads the adapter and the saved posterior of a run of the default config (or ``--config``),
 and on its test split prints accuracy / NLL / ECE / Brier of the MAP model and of the Laplace
 predictive with the GLM probit link, the GLM Monte-Carlo link (full logit covariance, 2,000
 draws) and parameter samples (``pred_type="nn"``), then the GLM logit variance split by groups
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     prep = prepare(cfg)
     model, lap = load_trained(cfg, prep, args.output_dir)
     if lap is None:
-        raise SystemExit(f"{args.output_dir} holds no laplace_posterior.pt (a --marglik run?)")
+        raise SystemExit(f"{args.output_dir} holds no saved posterior (a --marglik run?)")
     names = [n for n, q in model.named_parameters() if q.requires_grad]
 
     def group(name: str) -> str:

@@ -20,6 +20,9 @@ STATE_NAME = "marglik_state.pt"
 """Extra training state in each checkpoint folder (hyper-optimiser, best model, histories)."""
 HYPERPARAMETERS_NAME = "marglik_hyperparameters.json"
 """The learned hyperparameters, written by ``save_model`` beside the model or adapter."""
+PRIOR_PRECISION_NAME = "marglik_prior_precision.safetensors"
+"""A diagonal prior precision too long for :data:`HYPERPARAMETERS_NAME` (key
+``prior_precision``), written by ``save_model``."""
 PREFIX_CHECKPOINT_DIR = "checkpoint"
 """The Trainer's checkpoint folder prefix (``transformers.trainer_utils.PREFIX_CHECKPOINT_DIR``)."""
 

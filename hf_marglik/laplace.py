@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import torch
 from torch import Tensor, nn
@@ -48,10 +49,15 @@ from .options import (
 from .posterior import MAX_DENSE_BLOCK, KronPosterior, Posterior, posterior_from_state
 from .prior import Prior, flat_index, select_parameters, trainable_parameters
 
-__all__ = ["Laplace", "MAX_DENSE_BLOCK", "default_kfac_approx"]
+__all__ = ["Laplace", "MAX_DENSE_BLOCK", "NonFiniteFitError", "default_kfac_approx"]
 
 MAX_GLM_OUTPUTS = 64
 """``pred_type='glm'`` takes one backward pass per output: refused above this many outputs."""
+
+
+class NonFiniteFitError(RuntimeError):
+    """A posterior was asked of a :class:`Laplace` whose fit was not finite
+    (:attr:`Laplace.fit_error`)."""
 
 
 def default_kfac_approx(likelihood: Likelihood) -> KFACApprox:
@@ -177,6 +183,10 @@ class Laplace:
         self.n_data: int | None = None
         self.n_outputs: int | None = None
         self.loss: Tensor | None = None
+        self.fit_error: str | None = None
+        """What was not finite in the fit this Laplace came from (None for a usable posterior):
+        set by :meth:`without_posterior`; every posterior method then raises
+        :class:`NonFiniteFitError`."""
         self._mean: Tensor | None = None
         self._mean_sq: tuple[Tensor, Tensor] | None = None
         self.prior_mean = prior_mean
@@ -429,7 +439,7 @@ class Laplace:
     def fit_from(self, result: FitResult) -> Laplace:
         """Use a curvature and loss computed elsewhere (for example gathered during training,
         :mod:`hf_marglik.online`), with the current parameters as the mean."""
-        self.posterior, self.loss = result.posterior, result.loss
+        self.posterior, self.loss, self.fit_error = result.posterior, result.loss, None
         self.n_data, self.n_outputs = result.n_data, result.n_outputs
         self._mean = torch.cat([p.detach().reshape(-1) for p in self.params]).to(self.dtype)
         self._mean_sq = None
@@ -449,10 +459,35 @@ class Laplace:
         self.posterior = post.compress(rank)
         return self
 
+    def without_posterior(self, fit_error: str) -> Laplace:
+        """This Laplace as the result of a fit that was not finite (``fit_error`` says what was
+        not): the curvature and loss are dropped, the hyperparameters and the MAP (the model's
+        parameters, ``mean``) stay, and every posterior method raises
+        :class:`NonFiniteFitError` naming ``fit_error``. What ``marglik_training`` and the
+        trainers return when their final fit is not finite. Returns ``self``."""
+        self.posterior, self.loss, self.fit_error = None, None, fit_error
+        self._mean = torch.cat([p.detach().reshape(-1) for p in self.params]).to(self.dtype)
+        self._mean_sq = None
+        return self
+
     def check_fitted(self) -> Posterior:
+        """The posterior; a ``RuntimeError`` before :meth:`fit`, :class:`NonFiniteFitError` after
+        a fit that was not finite."""
+        self._check_finite_fit()
         if self.posterior is None or self.loss is None:
             raise RuntimeError("Call fit(train_loader) before using the Laplace approximation.")
         return self.posterior
+
+    def _check_finite_fit(self) -> None:
+        if self.fit_error is not None:
+            raise NonFiniteFitError(
+                f"This Laplace approximation has no posterior: its fit was not finite "
+                f"({self.fit_error}). It holds the learned prior precision and noise and the MAP "
+                "(the model's parameters, which predict without it). For a posterior, train "
+                "again with a smaller learning rate, a larger prior_prec_init, float32 instead "
+                "of float16/bfloat16, or backend='ggn' instead of 'ggn-mc'/'ef'; or fit a new "
+                "Laplace(model, ...).fit(train_loader) at these parameters."
+            )
 
     # ----------------------------------------------------------------- marginal likelihood
     def log_marginal_likelihood(
@@ -502,6 +537,7 @@ class Laplace:
     @property
     def scatter(self) -> Tensor:
         """``(θ* − μ)ᵀ P (θ* − μ)`` at the stored prior precision."""
+        self._check_finite_fit()
         return self._scatter(self._prior)
 
     @property
@@ -770,22 +806,58 @@ class Laplace:
             self.hessian_structure, self.sizes, sd.get("posterior", sd)
         )
 
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        """Write the posterior to ``folder`` (beside an adapter, say) as
+        ``laplace_posterior.safetensors`` (the tensors of :meth:`state_dict`) and
+        ``laplace_config.json`` (structure, likelihood, options, the parameters' names and
+        shapes), each atomically; no pickle (:mod:`hf_marglik.pretrained`).
+        :meth:`from_pretrained` loads it with the model alone."""
+        from .pretrained import save_pretrained
+
+        save_pretrained(self, folder)
+
+    @classmethod
+    def from_pretrained(
+        cls, folder_or_hub_id: str | os.PathLike, model: nn.Module, revision: str | None = None
+    ) -> Laplace:
+        """A fitted :class:`Laplace` over ``model``'s trainable parameters from what
+        :meth:`save_pretrained` wrote: a local folder, or else a Hugging Face Hub repository id
+        (``owner/name``, at ``revision``; downloaded with ``huggingface_hub``). No data needed.
+        The model must hold the trainable tensors the posterior was saved for: other names, or
+        other shapes, are a ``ValueError`` that names the first difference."""
+        from .pretrained import check_parameters, read, resolve, state_dict
+
+        folder = resolve(folder_or_hub_id, revision)
+        config, tensors = read(folder)
+        lap = cls(
+            model,
+            config["likelihood"],
+            hessian_structure=config["hessian_structure"],
+            backend=config["backend"],
+            kfac_approx=config["kfac_approx"],
+            temperature=config["temperature"],
+            subset_of_weights=config["subset_of_weights"],
+            **config["options"],
+        )
+        check_parameters(config, lap, folder)
+        lap.load_state_dict(_to_device(state_dict(config, tensors), lap.device))
+        return lap
+
     def save(self, path: str | os.PathLike) -> None:
-        """Write the posterior (``state_dict``) to ``path`` (a ``.pt`` file), atomically, with the
-        constructor options so that :meth:`load` needs only the model."""
-        sd = self.state_dict()
-        sd["options"] = {
-            "dict_key_x": self.dict_key_x,
-            "dict_key_y": self.dict_key_y,
-            "n_mc_samples": self.n_mc_samples,
-            "batch_columns": self.batch_columns,
-        }
-        save_torch(sd, path)
+        """Deprecated (a pickle-based ``.pt`` file): use :meth:`save_pretrained`. Writes the
+        ``state_dict`` and the constructor options to ``path``, atomically."""
+        from .pretrained import options
+
+        warnings.warn(_PICKLE_NOTICE.format(what="Laplace.save writes"), FutureWarning, 2)
+        save_torch({**self.state_dict(), "options": options(self)}, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: nn.Module) -> Laplace:
-        """A fitted :class:`Laplace` over ``model``'s trainable parameters from a file written by
-        :meth:`save`; no data needed. The model must hold the same trainable tensors."""
+        """A fitted :class:`Laplace` over ``model``'s trainable parameters from a ``.pt`` file of
+        :meth:`save` (deprecated: use :meth:`from_pretrained`; ``scripts/convert_posterior.py``
+        converts a run's file); no data needed. The model must hold the same trainable
+        tensors."""
+        warnings.warn(_PICKLE_NOTICE.format(what="Laplace.load reads"), FutureWarning, 2)
         sd = torch.load(path, map_location="cpu", weights_only=True)
         lap = cls(
             model,
@@ -799,6 +871,13 @@ class Laplace:
         )
         lap.load_state_dict(_to_device(sd, lap.device))
         return lap
+
+
+_PICKLE_NOTICE = (
+    "{what} the pickle-based .pt posterior, which is deprecated: use lap.save_pretrained(folder) "
+    "and Laplace.from_pretrained(folder, model) (safetensors + JSON); "
+    "scripts/convert_posterior.py converts a run's laplace_posterior.pt."
+)
 
 
 class KronPrecision:

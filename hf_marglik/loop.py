@@ -13,7 +13,10 @@ network's training and the logs; the loop owns everything Algorithm 1 decides.
 Numerical faults are handled here once for all adapters: a fit whose loss or curvature is not
 finite (a diverged model, a float16 overflow, a failed eigendecomposition) and an update whose
 first hyper-step the hyper-optimiser rejects are skipped with a ``RuntimeWarning``; the
-hyperparameters, the best model and the last fit stay as they were.
+hyperparameters, the best model and the last fit stay as they were. A final fit that is not
+finite gives, with a warning, a :class:`~hf_marglik.Laplace` without a posterior
+(:meth:`~hf_marglik.Laplace.without_posterior`): the learned hyperparameters and the MAP, and
+posterior methods that raise an error naming the fault.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ from .options import Likelihood
 Fit = Callable[[Tensor, Tensor], Laplace]
 """``fit(prior_precision, sigma_noise)``: a new :class:`Laplace` fitted at the current parameters
 with these hyperparameters (the adapter knows the data and the curvature settings)."""
+New = Callable[[Tensor, Tensor], Laplace]
+"""``new(prior_precision, sigma_noise)``: the same :class:`Laplace`, not fitted."""
 
 
 @dataclass
@@ -97,6 +102,8 @@ class MargLikLoop:
         n_hypersteps: hyper-steps per update.
         restore_best: ``finish`` restores the parameters and hyperparameters of the best update
             (laplace-torch's behaviour); otherwise the last ones are kept.
+        new_laplace: builds the adapter's :class:`Laplace` without fitting it: what ``finish``
+            returns (without a posterior) when the final fit raised.
     """
 
     def __init__(
@@ -105,8 +112,10 @@ class MargLikLoop:
         hyper: HyperOptimizer,
         n_hypersteps: int,
         restore_best: bool = True,
+        *,
+        new_laplace: New,
     ):
-        self.params, self.hyper = params, hyper
+        self.params, self.hyper, self.new_laplace = params, hyper, new_laplace
         self.n_hypersteps, self.restore_best = n_hypersteps, restore_best
         self.margliks: list[float] = []
         """Negative log marginal likelihoods, one per hyper-step (laplace-torch's ``margliks``)."""
@@ -171,13 +180,15 @@ class MargLikLoop:
         return lap
 
     # ------------------------------------------------------------------ the end
-    def finish(self, step: int, fit: Fit) -> Laplace | None:
+    def finish(self, step: int, fit: Fit) -> Laplace:
         """Restore the best update's parameters (``restore_best``) and return the Laplace
         approximation at the final parameters with the final hyperparameters. A fit made at
         exactly those parameters (the best update's, or the last update's when training ended
         with it) is reused; otherwise (no update, steps after the last update, a resumed run
         whose best came before the checkpoint) ``fit`` is called. A final fit that is not
-        finite gives None, with a warning; the learned hyperparameters are kept."""
+        finite gives, with a warning, the Laplace :meth:`~hf_marglik.Laplace.without_posterior`:
+        the final hyperparameters and the MAP, its posterior methods raising
+        :class:`~hf_marglik.laplace.NonFiniteFitError` with ``fault`` in ``fit_error``."""
         prec, sigma = self.hyper.prior_precision, self.hyper.sigma_noise
         if self.restore_best and self.best is not None:
             with torch.no_grad():
@@ -190,12 +201,18 @@ class MargLikLoop:
             lap, fault = checked_fit(fit, prec, sigma)
             if fault:
                 warnings.warn(
-                    f"The final Laplace approximation is not finite ({fault}): no posterior is "
-                    "returned; the learned hyperparameters are kept.",
+                    f"The final Laplace approximation is not finite ({fault}): the Laplace "
+                    "returned has no posterior (its posterior methods raise); it holds the "
+                    "learned hyperparameters and the MAP.",
                     RuntimeWarning,
                     stacklevel=3,
                 )
-                lap = None
+                if lap is None:  # the fit raised
+                    lap = self.new_laplace(prec, sigma)
+                lap.prior_precision = prec
+                if self.hyper.likelihood == Likelihood.REGRESSION:
+                    lap.sigma_noise = sigma
+                lap.without_posterior(f"final fit at step {step}: {fault}")
         else:
             lap.prior_precision = prec
             if self.hyper.likelihood == Likelihood.REGRESSION:

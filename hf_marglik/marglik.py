@@ -138,7 +138,9 @@ def marglik_training(
 
     Returns:
         ``(lap, model, margliks, losses)``: the Laplace approximation at the best parameters
-        (None, with a warning, if the final fit is not finite),
+        (if the final fit is not finite, with a warning, a Laplace without a posterior: the
+        learned hyperparameters and the MAP, its posterior methods raising an error that names
+        the fault, ``lap.fit_error``),
         the model, the negative log marginal likelihoods (one per hyper-step) and the mean
         training loss (log joint per data point) of every epoch.
     """
@@ -227,7 +229,7 @@ def marglik_training(
     def online_fit(prec, sigma) -> Laplace:
         return new_laplace(prec, sigma).fit_from(online.result(N))
 
-    loop = MargLikLoop(params, hyper, n_hypersteps, restore_best=True)
+    loop = MargLikLoop(params, hyper, n_hypersteps, restore_best=True, new_laplace=new_laplace)
     device = params[0].device
     step = 0
     for epoch in tqdm.trange(1, n_epochs + 1, disable=not progress_bar, desc="[Training]"):

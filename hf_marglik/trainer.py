@@ -39,6 +39,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from .batches import call_model, nll_sum, split_batch, targets_for
 from .checkpoint import (
     HYPERPARAMETERS_NAME,
+    PRIOR_PRECISION_NAME,
     STATE_NAME,
     checkpoint_folder,
     last_complete_checkpoint,
@@ -66,6 +67,7 @@ from .parallel import check_parallelism, sum_over_processes
 from .preemption import SigtermCheckpointCallback
 from .prior import trainable_parameters
 from .subset import CurvatureSubset, select_examples, subset_size
+from .tensor_files import save_tensors
 from .training_args import MargLikArguments
 from .tuning import tune_predictive_prior
 
@@ -128,7 +130,9 @@ class MargLikTrainerMixin:
     After :meth:`train`:
 
     - ``laplace``: the :class:`~hf_marglik.Laplace` approximation at the final (by default the
-      best-marglik) parameters and hyperparameters;
+      best-marglik) parameters and hyperparameters (when its fit is not finite, with a
+      warning, one without a posterior: ``laplace.fit_error`` says why, its posterior methods
+      raise; the hyperparameters and the model are kept);
     - ``margliks``: negative log marginal likelihoods, one per hyper-step (as laplace-torch);
     - ``losses``: the mean training loss (log joint per data point) of each completed epoch;
     - ``marglik_update_steps``: the global steps after which the hyperparameters were updated;
@@ -299,7 +303,11 @@ class MargLikTrainerMixin:
         if a.prior_mean == PriorMean.INIT:
             hyper.centre_prior_at(self._params)  # a resumed run loads the saved centre instead
         self.marglik_loop = MargLikLoop(
-            self._params, hyper, a.n_hypersteps, restore_best=a.restore_best_marglik
+            self._params,
+            hyper,
+            a.n_hypersteps,
+            restore_best=a.restore_best_marglik,
+            new_laplace=self._new_laplace,
         )
         # data-parallel: each process counts its shard of the training data, summed over all
         self.n_data = _sum_over_processes(
@@ -483,6 +491,7 @@ class MargLikTrainerMixin:
             not a.eval_laplace
             or a.likelihood != Likelihood.CLASSIFICATION
             or self.laplace is None
+            or self.laplace.fit_error is not None  # no posterior: the final fit was not finite
             or isinstance(dataset, dict)
         ):
             return metrics
@@ -702,7 +711,7 @@ class MargLikTrainerMixin:
             kept = f"the last model (step {step})"
         lap = loop.finish(step, self._fit)
         logger.info("%s keeps %s.", type(self).__name__, kept)
-        if lap is not None and a.predictive_prior == PredictivePrior.GRIDSEARCH:
+        if lap.fit_error is None and a.predictive_prior == PredictivePrior.GRIDSEARCH:
             self._tune_predictive_prior(lap)
 
     def _tune_predictive_prior(self, lap: Laplace) -> None:
@@ -826,8 +835,11 @@ class MargLikTrainerMixin:
         return out
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """``Trainer.save_model`` and ``marglik_hyperparameters.json`` beside it (and, for a
-        diagonal prior over more than 100k parameters, ``marglik_prior_precision.pt``)."""
+        """``Trainer.save_model`` and beside it ``marglik_hyperparameters.json`` (and, for a
+        diagonal prior over more than 100k parameters, ``marglik_prior_precision.safetensors``)
+        and, after :meth:`train`, the final posterior (:meth:`Laplace.save_pretrained`:
+        ``laplace_posterior.safetensors``, ``laplace_config.json``; not when the final fit was
+        not finite). No pickle."""
         super().save_model(output_dir, _internal_call=_internal_call)
         if self.marglik_loop is None or not self.args.should_save:
             return
@@ -835,8 +847,11 @@ class MargLikTrainerMixin:
         os.makedirs(output_dir, exist_ok=True)
         data = self.hyperparameters()
         if "prior_precision" not in data:
-            prec = self.marglik_loop.prior_precision.detach().cpu()
-            save_torch(prec, os.path.join(output_dir, "marglik_prior_precision.pt"))
+            prec = self.marglik_loop.prior_precision.detach().cpu().clone()
+            save_tensors({"prior_precision": prec}, os.path.join(output_dir, PRIOR_PRECISION_NAME))
+        lap = self.laplace
+        if self.marglik_loop.final is not None and lap is not None and lap.fit_error is None:
+            lap.save_pretrained(output_dir)  # the final posterior, at the saved parameters
         save_json(data, os.path.join(output_dir, HYPERPARAMETERS_NAME))
 
 

@@ -128,5 +128,5 @@ def test_gradient_checkpointing_keeps_the_loop(spy):
 
 def test_saved_with_the_posterior(tmp_path):
     lap, model, _ = _fit("mlp-cls", "kron", True)
-    lap.save(tmp_path / "lap.pt")
-    assert Laplace.load(tmp_path / "lap.pt", model).batch_columns is True
+    lap.save_pretrained(tmp_path / "lap")
+    assert Laplace.from_pretrained(tmp_path / "lap", model).batch_columns is True

@@ -107,7 +107,11 @@ def test_study_writes_every_run_the_table_and_the_figures(study):
         assert text in table, text
     for kind in ("metrics", "reliability"):
         assert (study / "figures" / f"tiny-default-{kind}.png").stat().st_size > 10_000
-    probs = torch.load(_runs(study) / "marglik-seed0" / "predictions.pt", weights_only=False)
+    from hf_marglik.recipe.report import load_predictions
+
+    run = _runs(study) / "marglik-seed0"
+    assert not (run / "predictions.pt").exists()  # safetensors + JSON, no pickle
+    probs = load_predictions(run)
     assert probs["test_laplace"]["probs"].shape == (8, 5)
     assert probs["validation"]["logits"].shape == (8, 5)
 

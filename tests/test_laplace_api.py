@@ -202,9 +202,9 @@ def test_state_dict_round_trip(structure, tmp_path):
     with pytest.raises(ValueError, match="hessian_structure"):
         Laplace(model, "regression", hessian_structure=wrong).load_state_dict(sd)
     # and the file form
-    if hasattr(lap, "save"):
-        lap.save(tmp_path / "lap.pt")
-        loaded = type(lap).load(tmp_path / "lap.pt", model)
+    if hasattr(lap, "save_pretrained"):
+        lap.save_pretrained(tmp_path / "lap")
+        loaded = type(lap).from_pretrained(tmp_path / "lap", model)
         R.assert_close(loaded.log_marginal_likelihood(), lap.log_marginal_likelihood(), what="file")
 
 

@@ -187,9 +187,9 @@ def test_save_and_load_without_data(tmp_path):
     model, data, xt = _setup()
     lap = Laplace(model, "classification", prior_precision=torch.tensor([0.5, 1.0, 2.0, 3.0]))
     lap.fit(data)
-    path = tmp_path / "posterior.pt"
-    lap.save(path)
-    loaded = Laplace.load(path, model)
+    path = tmp_path / "posterior"
+    lap.save_pretrained(path)
+    loaded = Laplace.from_pretrained(path, model)
     assert loaded.log_marginal_likelihood() == lap.log_marginal_likelihood()
     assert torch.equal(loaded(xt), lap(xt))
     assert torch.equal(loaded.prior_precision, lap.prior_precision)

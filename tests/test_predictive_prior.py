@@ -109,8 +109,8 @@ def test_gridsearch_predictive_prior(tmp_path):
         float(probe.log_marginal_likelihood()), rel=1e-14
     )
     # both are saved in the posterior file
-    lap.save(tmp_path / "post.pt")
-    loaded = Laplace.load(tmp_path / "post.pt", trainer.model)
+    lap.save_pretrained(tmp_path / "post")
+    loaded = Laplace.from_pretrained(tmp_path / "post", trainer.model)
     assert torch.equal(loaded.prior_precision, learned)
     assert torch.equal(loaded.predictive_prior_precision, tuned)
     assert _nll(loaded, val) == _nll(lap, val)
@@ -162,8 +162,8 @@ def test_gridsearch_predictive_prior_chooses_the_map_where_validation_prefers_it
     samples = lap.predictive_samples(x, n_samples=4)
     assert samples.shape == (4, *map_probs.shape) and torch.equal(samples[3], map_probs)
     # saved and loaded as the MAP limit
-    lap.save(tmp_path / "post.pt")
-    loaded = Laplace.load(tmp_path / "post.pt", model)
+    lap.save_pretrained(tmp_path / "post")
+    loaded = Laplace.from_pretrained(tmp_path / "post", model)
     assert torch.isposinf(loaded.predictive_prior_precision).all()
     assert torch.equal(loaded(x), map_probs)
 

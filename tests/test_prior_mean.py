@@ -53,8 +53,8 @@ def test_prior_mean_matches_laplace_torch(structure):
 
 def test_prior_mean_is_saved_and_restricted(tmp_path):
     ours, _, model, mu = _mlp_pair("kron")
-    ours.save(tmp_path / "p.pt")
-    back = Laplace.load(tmp_path / "p.pt", model)
+    ours.save_pretrained(tmp_path / "p")
+    back = Laplace.from_pretrained(tmp_path / "p", model)
     R.assert_close(back.prior_mean, mu, what="reloaded mean")
     R.assert_close(back.log_marginal_likelihood(), ours.log_marginal_likelihood(), what="lml")
     head = ours.restricted_to("last_layer")

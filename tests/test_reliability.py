@@ -34,6 +34,7 @@ from models import DictDataset, tiny_trainer_args
 from torch import nn
 from transformers import TrainerCallback
 
+from hf_marglik.laplace import NonFiniteFitError
 from hf_marglik.preemption import SIGTERM_EXIT_CODE
 from hf_marglik.trainer import HYPERPARAMETERS_NAME, STATE_NAME, MargLikTrainer
 from hf_marglik.training_args import MargLikTrainingArguments
@@ -235,7 +236,9 @@ def test_non_finite_curvature_fit_is_skipped(tmp_path, fault):
     """Updates after epochs 1–4 (steps 2, 4, 6, 8); the fits at steps 4 and 8 and the final fit
     are made non-finite (the last model is kept, so the final fit is a new one). Those updates
     are skipped with a warning naming the cause, the hyperparameters keep their values, and
-    nothing non-finite is stored, logged or saved."""
+    nothing non-finite is stored, logged or saved. ``laplace`` is then a Laplace without a
+    posterior: the learned precision and the MAP, posterior methods raising an error that names
+    the fault; evaluate() leaves its metrics out, save_model writes no posterior."""
     ref: list = []
     spy = _FaultAt(ref, fault, {4, 8}, final=True)
     trainer = MargLikTrainer(
@@ -270,11 +273,17 @@ def test_non_finite_curvature_fit_is_skipped(tmp_path, fault):
     assert torch.equal(trainer.marglik_loop.hyper.prior_precision, p[7])
     assert len(trainer.margliks) == 2 * 3 and all(math.isfinite(v) for v in trainer.margliks)
 
-    assert trainer.laplace is None  # the final fit was not finite: no NaN posterior is kept
+    lap = trainer.laplace  # the final fit was not finite: no NaN posterior is kept
+    _check_without_posterior(lap, trainer.model, trainer.marglik_loop.hyper.prior_precision)
+    assert "final fit at step 8" in lap.fit_error
     assert all(torch.isfinite(q).all() for q in trainer.model.parameters())
     assert _all_finite(trainer.state.log_history)
     assert [e["step"] for e in trainer.state.log_history if "marglik_skipped" in e] == [4, 8]
+    trainer.model.fault = None
+    metrics = trainer.evaluate(_data())  # the MAP's metrics; the Laplace ones left out
+    assert "eval_loss" in metrics and not any("laplace" in k for k in metrics), metrics
     trainer.save_model(str(tmp_path / "final"))
+    assert not (tmp_path / "final" / "laplace_config.json").exists()
     saved = json.loads((tmp_path / "final" / HYPERPARAMETERS_NAME).read_text())
     assert _all_finite(saved) and saved["log_marglik"] == trainer.best_marglik
     assert saved["prior_precision"] == trainer.marglik_loop.hyper.prior_precision.tolist()
@@ -282,6 +291,62 @@ def test_non_finite_curvature_fit_is_skipped(tmp_path, fault):
         state = torch.load(tmp_path / "out" / f"checkpoint-{step}" / STATE_NAME, weights_only=True)
         assert _all_finite(state), step
         assert state["loop"]["skipped_steps"] == [s for s in (4, 8) if s <= step]
+
+
+def _check_without_posterior(lap, model, learned: torch.Tensor) -> None:
+    """``lap`` carries the learned prior precision and the MAP (the model's parameters), and its
+    posterior methods raise an error that names the fault and what to try."""
+    assert lap.fit_error and lap.posterior is None
+    torch.testing.assert_close(lap.prior_precision, learned, rtol=1e-15, atol=0)  # exp(log δ)
+    theta = torch.cat([q.detach().reshape(-1) for q in model.parameters()])
+    assert torch.equal(lap.mean, theta) and lap.model is model
+    x = {"input_ids": torch.zeros(2, 3, dtype=torch.float64)}
+    calls = {
+        "log_marginal_likelihood": lambda: lap.log_marginal_likelihood(),
+        "__call__": lambda: lap(x),
+        "predictive_samples": lambda: lap.predictive_samples(x, n_samples=2),
+        "sample": lambda: lap.sample(2),
+        "posterior_covariance": lambda: lap.posterior_covariance,
+        "posterior_precision": lambda: lap.posterior_precision,
+        "functional_variance": lambda: lap.functional_variance(torch.zeros(1, 2, lap.n_params)),
+        "log_det_ratio": lambda: lap.log_det_ratio,
+        "scatter": lambda: lap.scatter,
+        "optimize_prior_precision": lambda: lap.optimize_prior_precision(n_steps=1),
+        "save_pretrained": lambda: lap.save_pretrained("never_written"),
+    }
+    for name, call in calls.items():
+        with pytest.raises(NonFiniteFitError) as err:
+            call()
+        text = str(err.value)
+        assert lap.fit_error in text and "smaller learning rate" in text, name
+        assert "prior_prec_init" in text and "float32" in text and "backend='ggn'" in text
+    assert not os.path.exists("never_written")
+
+
+@pytest.mark.filterwarnings("ignore:n_epochs_burnin=3 exceeds")
+@pytest.mark.parametrize("outcome", ["raises", "nan"])
+def test_marglik_training_non_finite_final_fit_returns_the_map(monkeypatch, outcome):
+    """No update falls within training (burn-in), so the final fit is a new one, and its
+    eigendecomposition fails (raises, or gives NaN): marglik_training warns and returns a
+    Laplace without a posterior, with the hyperparameters (the initial ones: no update) and the
+    trained parameters, whose posterior methods raise."""
+    from hf_marglik import marglik_training
+
+    monkeypatch.setattr(torch.linalg, "eigh", _FailingEigh(outcome, 1, 4))
+    data = _data()
+    loader = [
+        {"input_ids": torch.stack([data[i]["input_ids"] for i in range(j, j + 8)]),
+         "labels": torch.stack([data[i]["labels"] for i in range(j, j + 8)])}
+        for j in (0, 8)
+    ]  # fmt: skip
+    with pytest.warns(RuntimeWarning, match="final Laplace approximation is not finite"):
+        lap, model, margliks, _ = marglik_training(
+            FaultyMLP().double(), loader, n_epochs=2, n_epochs_burnin=3, prior_prec_init=3.0
+        )
+    assert margliks == []
+    _check_without_posterior(lap, model, torch.full((4,), 3.0, dtype=torch.float64))
+    expected = "failed" if outcome == "raises" else "NaN or Inf"
+    assert expected in lap.fit_error, lap.fit_error
 
 
 class _FailingEigh:

@@ -131,13 +131,13 @@ def test_predictive_subset_is_saved(tmp_path):
     lap = Laplace(model, "classification", predictive_subset_of_weights="last_layer")
     lap.fit(loader)
     lap.predictive_prior_precision = torch.full((4,), 3.0, dtype=torch.float64)
-    lap.save(tmp_path / "post.pt")
-    back = Laplace.load(tmp_path / "post.pt", model)
+    lap.save_pretrained(tmp_path / "post")
+    back = Laplace.from_pretrained(tmp_path / "post", model)
     assert back.predictive_subset_of_weights == "last_layer"
     R.assert_close(back(xt), lap(xt), what="reloaded predictive")
     only = Laplace(model, "classification", subset_of_weights="last_layer").fit(loader)
-    only.save(tmp_path / "ll.pt")
-    assert Laplace.load(tmp_path / "ll.pt", model).param_names == ["2.weight", "2.bias"]
+    only.save_pretrained(tmp_path / "ll")
+    assert Laplace.from_pretrained(tmp_path / "ll", model).param_names == ["2.weight", "2.bias"]
 
 
 def _answer_token_model(layers: int = 3):

@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -52,6 +53,14 @@ def _load_script():
 
 
 train = _load_script()
+
+
+def _convert_script():
+    path = ROOT / "scripts" / "convert_posterior.py"
+    spec = importlib.util.spec_from_file_location("convert_posterior", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(autouse=True)
@@ -171,10 +180,13 @@ def test_saved_posterior_loads_beside_the_adapter_and_predicts_as_in_the_run(tmp
     rc, metrics = _run(args, tmp_path)
     assert rc == 0
     out = tmp_path / "out"
-    assert metrics["files"]["posterior"] == str(out / "laplace_posterior.pt")
-    assert "laplace_posterior.pt" in metrics["summary"]
+    assert metrics["files"]["posterior"] == str(out / "laplace_posterior.safetensors")
+    assert metrics["files"]["posterior_config"] == str(out / "laplace_config.json")
+    assert "laplace_posterior.safetensors" in metrics["summary"]
+    assert metrics["marglik"]["posterior_error"] is None
+    assert not any(p.suffix in (".pt", ".bin", ".pth") for p in out.iterdir())  # no pickle
 
-    scope: dict = {}  # the README's route: base model + peft adapter + Laplace.load
+    scope: dict = {}  # the docs' route: base model + peft adapter + Laplace.from_pretrained
     code = _readme_snippet("load_posterior").replace('"outputs/default-marglik"', repr(str(out)))
     exec(compile(code, "docs/train_script.md:load_posterior", "exec"), scope)
     lap = scope["lap"]
@@ -213,10 +225,28 @@ def test_saved_posterior_loads_beside_the_adapter_and_predicts_as_in_the_run(tmp
     lap2.compress(rank=2)  # compressed, it saves smaller and loads as compressed
     blocks = lap2.posterior.blocks  # the head's shared output factor stays shared
     assert blocks[-2][0] == blocks[-1][0] and len(lap2.posterior.factors) < 2 * len(blocks)
-    lap2.save(tmp_path / "small.pt")
-    assert (tmp_path / "small.pt").stat().st_size < (out / "laplace_posterior.pt").stat().st_size
-    small = Laplace.load(tmp_path / "small.pt", model)
+    lap2.save_pretrained(tmp_path / "small")
+    size = (out / "laplace_posterior.safetensors").stat().st_size
+    assert (tmp_path / "small" / "laplace_posterior.safetensors").stat().st_size < size
+    small = Laplace.from_pretrained(tmp_path / "small", model)
     assert small.log_marginal_likelihood() == lap2.log_marginal_likelihood()
+
+    # an older run: only the pickle-based laplace_posterior.pt. load_trained still reads it
+    # (with the notice), and scripts/convert_posterior.py converts it in place
+    for name in ("laplace_posterior.safetensors", "laplace_config.json"):
+        (out / name).unlink()
+    with pytest.warns(FutureWarning):
+        lap.save(out / "laplace_posterior.pt")
+    with pytest.warns(FutureWarning, match="save_pretrained"):
+        _, old = load_trained(cfg, prep, out)
+    assert old.log_marginal_likelihood() == lap.log_marginal_likelihood()
+    assert _convert_script().main([*args, "--output_dir", str(out)]) == 0
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        _, new = load_trained(cfg, prep, out)  # the safetensors form now, without a notice
+    assert not [w for w in record if issubclass(w.category, FutureWarning)]
+    assert new.log_marginal_likelihood() == lap.log_marginal_likelihood()
+    assert _convert_script().main([*args, "--output_dir", str(out)]) == 2  # converted already
 
 
 @pytest.mark.parametrize("name", ["smollm2_causal_lm", "smollm2_answer_token"])

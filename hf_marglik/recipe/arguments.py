@@ -174,7 +174,8 @@ class DataArguments:
     save_predictions: bool = field(
         default=False,
         metadata={
-            "help": "Classification: also write predictions.pt (the MAP logits and labels of the "
+            "help": "Classification: also write predictions.safetensors and predictions.json "
+            "(the MAP logits and labels of the "
             "validation and test splits and, with --marglik, the Laplace predictive's test "
             "probabilities) and the MAP's validation metrics in metrics.json. For studies "
             "(scripts/compare.py): temperature scaling and reliability diagrams need no re-run."

@@ -6,27 +6,42 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..pretrained import CONFIG_NAME, LEGACY_NAME, TENSORS_NAME
+from ..tensor_files import load_tree, save_tree
 from .models import adapter_model
 from .plotting import plot_training
 
 METRICS_NAME = "metrics.json"
 PLOT_NAME = "training.png"
-PREDICTIONS_NAME = "predictions.pt"
-"""``--save_predictions``: ``torch.load`` gives ``{"class_names", "validation": {"logits",
-"labels", "metrics"}, "test": {...}, "test_laplace": {"probs", "labels", "metrics"} | None,
-"laplace": {"pred_type", "link_approx"} | None}`` (MAP logits float32, probabilities float64)."""
-POSTERIOR_NAME = "laplace_posterior.pt"
-"""The fitted posterior of a ``--marglik`` run (:meth:`hf_marglik.Laplace.save`); it loads with
-:meth:`hf_marglik.Laplace.load` over the model with the adapter, without the training data."""
+PREDICTIONS_NAME = "predictions.safetensors"
+"""``--save_predictions``: the tensors of the predictions (with :data:`PREDICTIONS_JSON_NAME`;
+:func:`load_predictions` reads both): ``{"class_names", "validation": {"logits", "labels",
+"metrics"}, "test": {...}, "test_laplace": {"probs", "labels", "metrics"} | None,
+"test_laplace_learned_prior": ... | None, "laplace": {"pred_type", "link_approx"} | None}``
+(MAP logits float32, probabilities float64)."""
+PREDICTIONS_JSON_NAME = "predictions.json"
+"""``--save_predictions``: everything of the predictions but the tensors (class names, metrics),
+with references into :data:`PREDICTIONS_NAME`."""
+LEGACY_PREDICTIONS_NAME = "predictions.pt"
+"""The pickle of older runs' ``--save_predictions`` (still read by :func:`load_predictions`)."""
+POSTERIOR_NAME = TENSORS_NAME
+"""The fitted posterior of a ``--marglik`` run, with :data:`POSTERIOR_CONFIG_NAME`
+(:meth:`hf_marglik.Laplace.save_pretrained` into the adapter's folder); it loads with
+:meth:`hf_marglik.Laplace.from_pretrained` over the model with the adapter, without the
+training data."""
+POSTERIOR_CONFIG_NAME = CONFIG_NAME
+LEGACY_POSTERIOR_NAME = LEGACY_NAME
+"""Older runs' pickle-based posterior (read by ``Laplace.load``, with a deprecation notice)."""
 
 
 def save_outputs(
     trainer, model, results: dict, output_dir: str | Path, predictions: dict | None = None
 ) -> dict[str, str]:
     """Write the adapter (peft ``save_pretrained``), the learned hyperparameters and the fitted
-    posterior (marglik runs), ``predictions.pt`` (when ``predictions`` is given), the training
-    plot and ``metrics.json`` last (with ``files`` and the ``summary``, which are set here);
-    return the files' paths."""
+    posterior (marglik runs, when the final fit was finite), the predictions (when
+    ``predictions`` is given: :data:`PREDICTIONS_NAME` and :data:`PREDICTIONS_JSON_NAME`), the
+    training plot and ``metrics.json`` last (with ``files`` and the ``summary``, which are set
+    here); return the files' paths. No pickle."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_adapter(model, out)
@@ -38,13 +53,13 @@ def save_outputs(
         path = out / HYPERPARAMETERS_NAME
         path.write_text(json.dumps(trainer.hyperparameters(), indent=2))
         files["hyperparameters"] = str(path)
-        if trainer.laplace is not None:  # the final fit, at the saved adapter's parameters
-            trainer.laplace.save(out / POSTERIOR_NAME)
+        lap = trainer.laplace  # the final fit, at the saved adapter's parameters
+        if lap is not None and lap.fit_error is None:
+            lap.save_pretrained(out)
             files["posterior"] = str(out / POSTERIOR_NAME)
+            files["posterior_config"] = str(out / POSTERIOR_CONFIG_NAME)
     if predictions is not None:
-        import torch
-
-        torch.save(predictions, out / PREDICTIONS_NAME)
+        save_tree(predictions, out / PREDICTIONS_NAME, out / PREDICTIONS_JSON_NAME)
         files["predictions"] = str(out / PREDICTIONS_NAME)
     title = f"{results['model']} · {results['task']} · {results['mode']}"
     plot = plot_training(
@@ -61,6 +76,17 @@ def save_outputs(
     return files
 
 
+def load_predictions(folder: str | Path) -> dict:
+    """The ``--save_predictions`` of the run in ``folder`` (see :data:`PREDICTIONS_NAME`); an
+    older run's ``predictions.pt`` is read too."""
+    folder = Path(folder)
+    if (folder / PREDICTIONS_JSON_NAME).is_file():
+        return load_tree(folder / PREDICTIONS_NAME, folder / PREDICTIONS_JSON_NAME)
+    import torch
+
+    return torch.load(folder / LEGACY_PREDICTIONS_NAME, weights_only=False)
+
+
 def save_adapter(model, out: Path) -> None:
     """peft ``save_pretrained`` of the adapter (the whole model when LoRA is off)."""
     from peft import PeftModel
@@ -73,7 +99,9 @@ def save_adapter(model, out: Path) -> None:
 
 
 def marglik_results(trainer) -> dict:
-    """The marginal-likelihood history and learned precisions of a finished MargLikTrainer."""
+    """The marginal-likelihood history and learned precisions of a finished MargLikTrainer;
+    ``posterior_error``: why the run has no posterior (its final fit was not finite), else
+    None."""
     hyper = trainer.hyperparameters()
     per_tensor = hyper["prior_precision_per_tensor"]
     values = list(per_tensor.values())
@@ -89,6 +117,7 @@ def marglik_results(trainer) -> dict:
         "prior_precision_per_tensor": per_tensor,
         "sigma_noise": hyper["sigma_noise"],
         "predictive_prior_scale": _predictive_prior_scale(trainer.laplace),
+        "posterior_error": None if trainer.laplace is None else trainer.laplace.fit_error,
     }
 
 
@@ -130,13 +159,15 @@ def summary(results: dict) -> str:
         )
     elif m is not None:
         text += " No marginal-likelihood update fell within training (see n_epochs_burnin)."
+    if m is not None and m.get("posterior_error"):
+        text += f" No posterior saved: the {m['posterior_error']}."
     else:
         text += f" Weight decay {results['weight_decay']:g}."
     text += f" Outputs in {results['output_dir']}"
     posterior = results.get("files", {}).get("posterior")
     if posterior is not None:
         text += (
-            f"; the fitted posterior is {Path(posterior).name} (hf_marglik.Laplace.load, with the "
-            "adapter; no training data needed)"
+            f"; the fitted posterior is {Path(posterior).name} with {POSTERIOR_CONFIG_NAME} "
+            "(hf_marglik.Laplace.from_pretrained, with the adapter; no training data needed)"
         )
     return text + "."

@@ -24,7 +24,12 @@ from .encode import PadCollator, encode_splits
 from .errors import RecipeError
 from .metrics import CalibrationMeter, evaluate
 from .models import ModelSource, adapter_model, build_model, check_max_length, load_source
-from .report import POSTERIOR_NAME, marglik_results, save_outputs
+from .report import (
+    LEGACY_POSTERIOR_NAME,
+    POSTERIOR_CONFIG_NAME,
+    marglik_results,
+    save_outputs,
+)
 from .resume import train as train_resumable
 
 
@@ -75,7 +80,7 @@ def laplace_test_metrics(cfg: RunConfig, trainer, dataset) -> tuple[dict | None,
     prior was tuned (else None); and the MAP model's test metrics (as :func:`evaluate` gives
     them) when the GLM predictive's forward passes gave its logits, else None."""
     lm = TASK_LIKELIHOOD[cfg.model.task] == "causal_lm"
-    if not cfg.marglik or trainer.laplace is None or lm:
+    if not cfg.marglik or not _has_posterior(trainer) or lm:
         return None, None, None
     from ..metrics import calibration_metrics
 
@@ -86,6 +91,12 @@ def laplace_test_metrics(cfg: RunConfig, trainer, dataset) -> tuple[dict | None,
     metrics = {k: calibration_metrics(v[keep], labels[keep]) for k, v in by_prior.items()}
     map_metrics = meter.compute() if meter.n else None
     return metrics["predictive"], metrics.get("learned"), map_metrics
+
+
+def _has_posterior(trainer) -> bool:
+    """A final Laplace with a posterior (not one whose fit was not finite)."""
+    lap = trainer.laplace
+    return lap is not None and lap.fit_error is None
 
 
 @torch.no_grad()
@@ -156,7 +167,7 @@ def laplace_test_probs(
 def predictions(cfg: RunConfig, trainer, model, encoded, test_loader) -> dict:
     """``--save_predictions`` (classification): the MAP logits and labels of the validation and
     test splits and, for marglik runs with a posterior, the Laplace predictive's test
-    probabilities (what ``predictions.pt`` holds), with the metrics computed from them:
+    probabilities (what ``--save_predictions`` writes), with the metrics computed from them:
     ``validation``, ``test`` (as :func:`~hf_marglik.recipe.metrics.evaluate` gives them) and
     ``test_laplace`` (as :func:`laplace_test_metrics`)."""
     from ..metrics import calibration_metrics
@@ -178,7 +189,7 @@ def predictions(cfg: RunConfig, trainer, model, encoded, test_loader) -> dict:
     ):
         logits, labels = map_logits(model, loader)
         out[split] = {"logits": logits, "labels": labels, "metrics": meter(logits, labels)}
-    if cfg.marglik and trainer.laplace is not None:
+    if cfg.marglik and _has_posterior(trainer):
         test = trainer.get_test_dataloader(encoded["test"])
         by_prior, labels = laplace_test_probs(cfg, trainer, test)
         keep = labels != -100
@@ -244,8 +255,10 @@ def prepare(cfg: RunConfig) -> Prepared:
 
 def load_trained(cfg: RunConfig, prepared: Prepared, output_dir: str | Path):
     """The model of a finished run of ``cfg`` with its adapter from ``output_dir`` (trainable,
-    as in training), and its posterior (:class:`~hf_marglik.Laplace`, from
-    ``laplace_posterior.pt``; None when the run wrote none). No training data is read.
+    as in training), and its posterior (:class:`~hf_marglik.Laplace`,
+    :meth:`~hf_marglik.Laplace.from_pretrained` of ``output_dir``; an older run's
+    ``laplace_posterior.pt`` with :meth:`~hf_marglik.Laplace.load` and its deprecation notice;
+    None when the run wrote none). No training data is read.
 
     The base model is rebuilt as in training (the same seed first, so that a
     ``tiny_random_model`` base is the same), the adapter loaded with peft
@@ -273,8 +286,11 @@ def load_trained(cfg: RunConfig, prepared: Prepared, output_dir: str | Path):
     if cfg.model.task == "answer_token":
         model = AnswerTokenClassifier(model, prepared.class_ids)
     model.eval()
-    posterior = out / POSTERIOR_NAME
-    return model, Laplace.load(posterior, model) if posterior.is_file() else None
+    if (out / POSTERIOR_CONFIG_NAME).is_file():
+        return model, Laplace.from_pretrained(out, model)
+    if (out / LEGACY_POSTERIOR_NAME).is_file():
+        return model, Laplace.load(out / LEGACY_POSTERIOR_NAME, model)
+    return model, None
 
 
 def run(cfg: RunConfig) -> dict:

@@ -126,7 +126,7 @@ TABLE_NAME = "table.md"
 FIGURES_DIR = "figures"
 METRICS = ("accuracy", "nll", "ece", "brier")
 COMMON_ARGS = ("--save_predictions", "true", "--disable_tqdm", "true", "--report_to", "none")
-"""Flags of every run: predictions.pt for the post-hoc arms and the figures, quiet logs."""
+"""Flags of every run: the predictions for the post-hoc arms and the figures, quiet logs."""
 DEFAULT_WD_GRID = (0.0, 1e-3, 1e-2, 1e-1, 1.0)
 PLAIN_WD = 0.01
 MIN_SEEDS = 3

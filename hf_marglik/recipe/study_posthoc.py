@@ -5,7 +5,8 @@ plain run without training again.
   logits, fitted on the validation split by minimising its NLL,
   ``T* = argmin_T −(1/n) Σ log softmax(z_n / T)_{y_n}``, with L-BFGS on ``log T`` in float64
   (strong-Wolfe line search, from ``T = 1``); the test probabilities are ``softmax(z / T*)``.
-  It reads the run's ``predictions.pt`` (``--save_predictions``): no model is loaded.
+  It reads the run's ``--save_predictions`` (``predictions.safetensors`` / ``.json``): no
+  model is loaded.
 - :func:`posthoc_laplace` (Laplace-LoRA's protocol, Yang et al., ICLR 2024): the plain run's
   adapter is loaded (:func:`~hf_marglik.recipe.run.load_trained`), a K-FAC Laplace with the
   config's curvature backend is fitted on the training split at the MAP, and the prior
@@ -100,12 +101,12 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def temperature_scaling(run_dir: Path) -> tuple[dict, dict]:
-    """Temperature scaling of the MAP of the run in ``run_dir`` (its ``predictions.pt``):
+    """Temperature scaling of the MAP of the run in ``run_dir`` (its ``--save_predictions``):
     ``(result, tensors)`` with the fitted temperature, validation NLL before and after and the
     test metrics under ``variants["temperature"]``; ``tensors`` holds the test probabilities."""
-    from .report import PREDICTIONS_NAME
+    from .report import load_predictions
 
-    p = torch.load(Path(run_dir) / PREDICTIONS_NAME, weights_only=False)
+    p = load_predictions(run_dir)
     val, test = p["validation"], p["test"]
     t = fit_temperature(val["logits"], val["labels"])
     scaled = test["logits"].double() / t

@@ -72,13 +72,14 @@ class RunRecord:
     metrics: dict  # train.py's metrics.json
 
     def test_probs(self, read: str):
-        """``(probs, labels)`` of the test split from ``predictions.pt``: the MAP's softmax
-        (``read="test"``) or the Laplace predictive (``"test_laplace"``; None if absent)."""
+        """``(probs, labels)`` of the test split from the run's ``--save_predictions``: the
+        MAP's softmax (``read="test"``) or the Laplace predictive (``"test_laplace"``; None if
+        absent)."""
         import torch
 
-        from .report import PREDICTIONS_NAME
+        from .report import load_predictions
 
-        p = torch.load(self.folder / PREDICTIONS_NAME, weights_only=False)
+        p = load_predictions(self.folder)
         if read == "test":
             return torch.softmax(p["test"]["logits"].double(), -1), p["test"]["labels"]
         if p.get(read) is None:
