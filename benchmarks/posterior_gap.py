@@ -77,7 +77,9 @@ def geo_means(prec, names, cap: float = 1e8) -> dict[str, float | None]:
 
 
 # ----------------------------------------------------------------------------- measuring
-def measure(run_dir: str, seed: int, threads: int, cache: Path | None) -> dict:
+def measure(
+    run_dir: str, seed: int, threads: int, cache: Path | None, train_args: tuple[str, ...] = ()
+) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import warnings
@@ -102,7 +104,8 @@ def measure(run_dir: str, seed: int, threads: int, cache: Path | None) -> dict:
     torch.set_num_threads(threads)
     t_start = time.time()
     cfg = parse_args(
-        ["--marglik", "--seed", str(seed), "--output_dir", run_dir, "--disable_tqdm", "true"]
+        [*train_args, "--marglik", "--seed", str(seed), "--output_dir", run_dir]
+        + ["--disable_tqdm", "true"]
     )
     prep = prepare(cfg)
     model, lap_run = load_trained(cfg, prep, run_dir)
@@ -368,24 +371,10 @@ def measure(run_dir: str, seed: int, threads: int, cache: Path | None) -> dict:
     add("exact GGN, learned δ, MC link", fs_probs(fs, learned, "mc"), learned)
     add("exact GGN, own-optimal layerwise δ, MC link", fs_probs(fs, fs_opt, "mc"), fs_opt)
     head_names = [n for n in names if group_of(n).startswith("head")]
-    head = fs.subset(head_names)
+    head = fs.subset(head_names) if head_names else None  # an answer-token model has no head
     idx = [names.index(n) for n in head_names]
-    add(
-        "head only (exact), learned head δ",
-        fs_probs(head, learned[idx]),
-        None,
-        exact_evidence(learned[idx], head),
-    )
-    for structure in ("layerwise", "scalar"):
-        best = head.optimize_prior_precision(structure, init=learned[idx])
-        optima.setdefault("head only", {})[structure] = best
-        add(
-            f"head only (exact), own-optimal {structure} δ",
-            fs_probs(head, best),
-            None,
-            exact_evidence(best, head),
-            head_prec=best.tolist(),
-        )
+    if head is not None:
+        _head_rows(add, fs_probs, exact_evidence, head, learned[idx], optima)
     # how strong must the prior be for the predictive? δ × k, k chosen on validation NLL
     for base_label, base in (("learned", learned), ("own-optimal layerwise", fs_opt)):
         val = {}
@@ -455,6 +444,28 @@ def measure(run_dir: str, seed: int, threads: int, cache: Path | None) -> dict:
 
 
 # ----------------------------------------------------------------------------- reporting
+
+
+def _head_rows(add, fs_probs, exact_evidence, head, learned_head, optima) -> None:
+    """The head-only exact posterior's rows: at the learned head δ and its own optima."""
+    add(
+        "head only (exact), learned head δ",
+        fs_probs(head, learned_head),
+        None,
+        exact_evidence(learned_head, head),
+    )
+    for structure in ("layerwise", "scalar"):
+        best = head.optimize_prior_precision(structure, init=learned_head)
+        optima.setdefault("head only", {})[structure] = best
+        add(
+            f"head only (exact), own-optimal {structure} δ",
+            fs_probs(head, best),
+            None,
+            exact_evidence(best, head),
+            head_prec=best.tolist(),
+        )
+
+
 def _pairs(names: list[str]) -> list[tuple[int, int]]:
     out = []
     for i, n in enumerate(names):
@@ -653,6 +664,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run_dir", nargs="?", help="output_dir of a finished default --marglik run")
     p.add_argument("--seed", type=int, default=0, help="the run's --seed")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--train_args",
+        default="",
+        help="the run's other train.py flags, e.g. '--config configs/smollm2_answer_token.yaml "
+        "--max_train_samples 96' (default: the default config's run)",
+    )
     p.add_argument("--json", type=Path, help="write the measurements here")
     p.add_argument(
         "--cache",
@@ -672,7 +689,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         if not args.run_dir:
             p.error("give a run_dir or --summarise")
-        results = [measure(args.run_dir, args.seed, args.threads, args.cache)]
+        extra = tuple(args.train_args.split())
+        results = [measure(args.run_dir, args.seed, args.threads, args.cache, extra)]
         if args.json:
             args.json.write_text(json.dumps(results[0]))
     table, groups, balance, timing, seeds = summarise(results)
