@@ -152,6 +152,7 @@ def measure(
     # ---- expensive part, cached: the exact reference (kernels, test kernels), K-FAC fits
     state_file = None if cache is None else cache / "function_space.pt"
     fs = FunctionSpaceLaplace(model, "classification", prior_precision=learned)
+    lap_run.predictive_subset_of_weights = "all"  # every row predicts over all tensors
     laps = {"K-FAC expand, MC GGN (the run's)": lap_run}
     approxes = ("expand", "reduce")
     if state_file is not None and state_file.exists():
