@@ -83,10 +83,12 @@ class MargLikArguments:
         prior_mean: ``"zero"`` (default, laplace-torch's) or ``"init"``: centre the prior at the
             trainable parameters when training starts, so that it pulls the update, not LoRA
             A's random initialisation, to zero (saved in checkpoints and the posterior).
-        prior_application: ``"loss"`` (default, laplace-torch's: the prior term in the loss) or
-            ``"decoupled"`` (the loss is the likelihood, and after every optimizer step each
-            tensor decays towards ``μ`` by ``lr·δ_l/(N·c)``, outside the optimiser's
-            preconditioner; :class:`~hf_marglik.PriorApplication`).
+        prior_application: ``"decoupled"`` (default: the loss is the likelihood, and at every
+            optimizer step each tensor decays towards ``μ`` by ``lr·δ_l/(N·c)``, outside the
+            optimiser's preconditioner) or ``"loss"`` (laplace-torch's and ``marglik_training``'s
+            default: the prior term in the loss); :class:`~hf_marglik.PriorApplication`. With
+            Adam the prior in the loss shrinks LoRA A's initialisation by lr-sized steps while
+            B is 0 and made the SmolLM2 MAP worse than plain fine-tuning (docs/study.md).
         tie_lora_prior: one precision per LoRA adapter (its ``lora_A`` and ``lora_B``) and per
             other module, instead of per tensor (:func:`~hf_marglik.lora.lora_groups`).
         freeze_lora_a: train LoRA ``B`` only, ``A`` frozen at its random initialisation; the
@@ -107,8 +109,11 @@ class MargLikArguments:
             would give too few hyperparameter updates; ``marglik_frequency`` is then unused.
         restore_best_marglik: at the end, restore the trainable parameters with the best
             marginal likelihood seen (laplace-torch's behaviour); False keeps the last model.
-            None (default): True unless ``load_best_model_at_end`` is set, whose choice (by
-            ``metric_for_best_model``) then wins. Both True is refused.
+            None (default): True with ``prior_application="loss"`` unless
+            ``load_best_model_at_end`` is set, whose choice (by ``metric_for_best_model``) then
+            wins; False with ``"decoupled"``, where training does not climb the log joint and
+            an early update's evidence (a less trained point at other precisions) can win.
+            Both True is refused.
 
     Evaluation (classification): ``evaluate()`` reports accuracy, NLL, ECE (15 bins) and Brier
     score of the MAP model (``eval_map_accuracy`` …) and of the Laplace predictive
@@ -200,11 +205,12 @@ class MargLikArguments:
         },
     )
     prior_application: str = field(
-        default="loss",
+        default="decoupled",
         metadata={
-            "help": "How the prior acts on training: 'loss' (its term in the loss, through the "
-            "optimizer) or 'decoupled' (the loss is the likelihood; after each optimizer step "
-            "theta <- theta - lr*(delta/N)*(theta - mu), as AdamW's weight decay).",
+            "help": "How the prior acts on training: 'decoupled' (default: the loss is the "
+            "likelihood; at each optimizer step theta <- theta - lr*(delta/N)*(theta - mu), as "
+            "AdamW's weight decay) or 'loss' (laplace-torch's: its term in the loss, through "
+            "the optimizer).",
             "choices": [o.value for o in PriorApplication],
         },
     )
@@ -313,7 +319,8 @@ class MargLikArguments:
         default=None,
         metadata={
             "help": "Restore the parameters with the best marginal likelihood at the end; "
-            "False keeps the last model. Default: True unless load_best_model_at_end is set."
+            "False keeps the last model. Default: True with prior_application='loss' unless "
+            "load_best_model_at_end is set, else False."
         },
     )
     eval_laplace: bool = field(
@@ -456,7 +463,10 @@ class MargLikArguments:
             )
             self.enable_jit_checkpoint, self.save_on_sigterm = False, True
         if self.restore_best_marglik is None:
-            self.restore_best_marglik = not self.load_best_model_at_end
+            # with the decoupled prior, training does not climb the log joint, and an early
+            # update's evidence (a less trained point, other precisions) can win: keep the last
+            loss = self.prior_application == PriorApplication.LOSS
+            self.restore_best_marglik = loss and not self.load_best_model_at_end
         elif self.load_best_model_at_end and self.restore_best_marglik:
             raise ValueError(
                 "load_best_model_at_end=True and restore_best_marglik=True both pick the final "

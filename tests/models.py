@@ -460,10 +460,10 @@ class DictDataset(torch.utils.data.Dataset):
 
 def tiny_trainer_args(output_dir, **kw):
     """``MargLikTrainingArguments`` for fast CPU trainer tests (no saving, 3 hyper-steps,
-    batch 8, step size 1e-2, seed 0), with laplace-torch's curvature: the exact GGN from a pass
-    at every update (the reference the trainer tests compare with; the package defaults, the
-    online Monte-Carlo curvature, are tested in tests/test_online.py); ``kw`` overrides any
-    field."""
+    batch 8, step size 1e-2, seed 0), with laplace-torch's algorithm: the exact GGN from a pass
+    at every update and the prior in the loss (the reference the trainer tests compare with; the
+    package defaults, the online Monte-Carlo curvature and the decoupled prior, are tested in
+    tests/test_online.py and tests/test_lora_prior.py); ``kw`` overrides any field."""
     from hf_marglik.training_args import MargLikTrainingArguments
 
     base = dict(
@@ -480,6 +480,7 @@ def tiny_trainer_args(output_dir, **kw):
         seed=0,
         backend="ggn",
         marglik_curvature="fit",
+        prior_application="loss",
     )
     base.update(kw)
     return MargLikTrainingArguments(**base)

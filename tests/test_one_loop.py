@@ -1,6 +1,7 @@
 """``marglik_training`` and ``MargLikTrainer`` run one Algorithm 1 (``hf_marglik.loop``): on the
 same model, data and optimiser they give the same histories, hyperparameters, parameters and
-posterior to rounding. Full-batch epochs make the data order irrelevant (the Trainer shuffles,
+posterior to rounding, with the prior in the loss (laplace-torch's) and decoupled (the
+trainers' default). Full-batch epochs make the data order irrelevant (the Trainer shuffles,
 the function takes the loader's order); Adam without weight decay, a constant step size and no
 gradient clipping make the two optimisers the same."""
 
@@ -35,7 +36,7 @@ def _examples():
     return [{"input_ids": X[i], "labels": y[i]} for i in range(N)]
 
 
-def _trainer_run(tmp_path):
+def _trainer_run(tmp_path, application):
     trainer = MargLikTrainer(
         model=_MLP().double(),
         args=tiny_trainer_args(
@@ -49,6 +50,8 @@ def _trainer_run(tmp_path):
             adam_epsilon=1e-8,
             weight_decay=0.0,
             n_hypersteps=HYPERSTEPS,
+            prior_application=application,
+            restore_best_marglik=True,  # marglik_training's (laplace-torch's) choice
         ),
         train_dataset=DictDataset(_examples()),
     )
@@ -56,7 +59,7 @@ def _trainer_run(tmp_path):
     return trainer.laplace, trainer.model, trainer.margliks, trainer.losses
 
 
-def _function_run():
+def _function_run(application):
     loader = DataLoader(_examples(), batch_size=N)  # default collate: a dict of stacked tensors
     return marglik_training(
         _MLP().double(),
@@ -64,12 +67,14 @@ def _function_run():
         n_epochs=EPOCHS,
         n_hypersteps=HYPERSTEPS,
         optimizer_kwargs={"lr": LR},
+        prior_application=application,
     )
 
 
-def test_function_and_trainer_are_one_loop(tmp_path):
-    lap_t, model_t, ml_t, loss_t = _trainer_run(tmp_path)
-    lap_f, model_f, ml_f, loss_f = _function_run()
+@pytest.mark.parametrize("application", ["loss", "decoupled"])
+def test_function_and_trainer_are_one_loop(tmp_path, application):
+    lap_t, model_t, ml_t, loss_t = _trainer_run(tmp_path, application)
+    lap_f, model_f, ml_f, loss_f = _function_run(application)
     assert len(ml_t) == len(ml_f) == EPOCHS * HYPERSTEPS
     close = dict(rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(torch.tensor(loss_t), torch.tensor(loss_f), **close)

@@ -104,12 +104,15 @@ def test_each_format_trains_and_counts_trls_targets(tmp_path, kind, extra):
 
 
 # ---------------------------------------------------------------------------- the loss
-def test_loss_is_trls_nll_plus_the_prior_term(tmp_path):
+@pytest.mark.parametrize("application", ["loss", "decoupled"])
+def test_loss_is_trls_nll_plus_the_prior_term(tmp_path, application):
     """On one batch at the same weights: the evaluation loss equals TRL's NLL per target token,
     the training loss adds ``n_b · ½ θᵀPθ / N`` divided by the batch's ``n_b`` tokens (the
-    MargLikTrainer formula, prior precision 1 at the start). TRL's fused log-probabilities are
-    float32, hence the tolerance."""
-    ours, plain = _trainer(tmp_path), _plain_sft(tmp_path, "conversational_prompt_completion")
+    MargLikTrainer formula, prior precision 1 at the start) with the prior in the loss, and
+    nothing with the decoupled prior (the default), which acts at the optimizer step. TRL's
+    fused log-probabilities are float32, hence the tolerance."""
+    ours = _trainer(tmp_path, prior_application=application)
+    plain = _plain_sft(tmp_path, "conversational_prompt_completion")
     plain.model.load_state_dict(ours.model.state_dict())
     batch = next(iter(ours.get_train_dataloader()))
     with torch.no_grad():
@@ -124,7 +127,8 @@ def test_loss_is_trls_nll_plus_the_prior_term(tmp_path):
         loss = float(ours.compute_loss(ours.model, dict(batch)))
         plain.model.train()
         nll = float(plain.compute_loss(plain.model, dict(batch)))
-    assert loss == pytest.approx(nll + prior, rel=1e-6)
+    expected = nll + prior if application == "loss" else nll
+    assert loss == pytest.approx(expected, rel=1e-6)
     assert prior > 1e-3 * nll  # large enough to be seen at that tolerance
 
 

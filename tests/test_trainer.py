@@ -302,7 +302,9 @@ def test_argument_parser(tmp_path):
         ]
     )
     assert args.likelihood == "causal_lm" and args.marglik_subset == 0.5
-    assert args.marglik_steps == 50 and args.restore_best_marglik
+    assert args.marglik_steps == 50
+    # the defaults: the decoupled prior, and then the last model is kept
+    assert args.prior_application == "decoupled" and args.restore_best_marglik is False
     assert json.loads(args.to_json_string())["likelihood"] == "causal_lm"
 
 
