@@ -47,6 +47,7 @@ from .options import (
 )
 from .posterior import MAX_DENSE_BLOCK, KronPosterior, Posterior, posterior_from_state
 from .prior import Prior, flat_index, select_parameters, trainable_parameters
+from .quantization import keep_4bit_differentiable
 
 __all__ = ["Laplace", "MAX_DENSE_BLOCK", "default_kfac_approx"]
 
@@ -65,7 +66,9 @@ class Laplace:
     """A Gaussian posterior ``N(θ*, (f·H + P)⁻¹)`` over the parameters with ``requires_grad=True``.
 
     Args:
-        model: the network; frozen parameters are never touched or copied.
+        model: the network; frozen parameters are never touched or copied (bitsandbytes 4-bit
+            layers only have their CPU bfloat16 inference repacking turned off,
+            :func:`hf_marglik.quantization.keep_4bit_differentiable`).
         likelihood: ``"classification"``, ``"regression"`` or ``"causal_lm"``.
         hessian_structure: ``"kron"`` (K-FAC, default), ``"diag"`` or ``"full"``.
         prior_precision: a float, or a tensor of length 1 (scalar), one per trainable tensor
@@ -156,6 +159,7 @@ class Laplace:
         self.temperature = float(temperature)
         self.batch_columns = bool(batch_columns)
         self.subset_of_weights = coerce(SubsetOfWeights, subset_of_weights, "subset_of_weights")
+        keep_4bit_differentiable(model)  # a k-bit base: no bf16 repacking on CPU
         named = trainable_parameters(model)
         named = [named[i] for i in select_parameters(named, self.subset_of_weights)]
         self.param_names = [n for n, _ in named]

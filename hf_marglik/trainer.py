@@ -62,6 +62,7 @@ from .options import (
 from .parallel import check_parallelism, sum_over_processes
 from .preemption import SigtermCheckpointCallback
 from .prior import trainable_parameters
+from .quantization import keep_4bit_differentiable
 from .subset import CurvatureSubset, select_examples, subset_size
 from .training_args import MargLikArguments
 from .tuning import tune_predictive_prior
@@ -181,6 +182,7 @@ class MargLikTrainerMixin:
         if not hasattr(Trainer, "loss_is_scaled_for_ga"):
             # older transformers divide the loss by the accumulation steps unless this is set
             self.model_accepts_loss_kwargs = True
+        keep_4bit_differentiable(self.model)  # a k-bit base: no bf16 repacking on CPU
         named = trainable_parameters(self.model)  # a clear error when nothing is trainable
         self._names, self._params = [n for n, _ in named], [p for _, p in named]
         self._check_inputs()  # before any work, so that scripts report them as bad input
