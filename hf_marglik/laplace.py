@@ -768,10 +768,10 @@ class Laplace:
         self.prior_mean = sd.get("prior_mean", 0.0)
         self.sigma_noise = sd["sigma_noise"]
         self.n_data, self.n_outputs = sd["n_data"], sd["n_outputs"]
-        self.loss = sd["loss"].to(self.dtype)
-        self._mean, self._mean_sq = sd["mean"].to(self.dtype), None
+        self.loss = sd["loss"].to(self.device, self.dtype)
+        self._mean, self._mean_sq = sd["mean"].to(self.device, self.dtype), None
         self.posterior = posterior_from_state(
-            self.hessian_structure, self.sizes, sd.get("posterior", sd)
+            self.hessian_structure, self.sizes, _to_device(sd.get("posterior", sd), self.device)
         )
 
     def save(self, path: str | os.PathLike) -> None:
@@ -848,3 +848,20 @@ def _to_device(sd: dict, device) -> dict:
         return x
 
     return move(sd)
+
+
+def _to_device(obj, device: torch.device, memo: dict | None = None):
+    """``obj`` (a posterior's state: tensors in dicts, lists and tuples) with every tensor on
+    ``device``, a tensor held in several places moved once (hf_marglik 0.1's layout shares
+    factors by identity): a posterior saved from a GPU run and read with
+    ``map_location="cpu"`` goes back to the model's device."""
+    memo = {} if memo is None else memo
+    if isinstance(obj, Tensor):
+        if id(obj) not in memo:
+            memo[id(obj)] = obj.to(device)
+        return memo[id(obj)]
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device, memo) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_to_device(v, device, memo) for v in obj)
+    return obj

@@ -463,7 +463,7 @@ class MargLikTrainerMixin:
             a.pred_type,
             a.link_approx,
             a.predictive_samples,
-            torch.Generator().manual_seed(a.seed),
+            torch.Generator(self.laplace.device).manual_seed(a.seed),  # draws on that device
             gather=self.accelerator.gather_for_metrics,  # each process evaluates a shard
         )
         extra = {}

@@ -20,14 +20,21 @@ from torch import nn
 
 bnb = pytest.importorskip("bitsandbytes")
 
-from models import DictDataset, randomise_trainable, tiny_trainer_args  # noqa: E402
+from models import (  # noqa: E402
+    DictDataset,
+    dequantised_4bit,
+    dequantised_twin,
+    kbit_llama_lora,
+    tiny_llama_folder,
+    tiny_trainer_args,
+)
 
 from hf_marglik import Laplace, MargLikTrainer  # noqa: E402
 from hf_marglik.quantization import kbit_layers, keep_4bit_differentiable  # noqa: E402
 from hf_marglik.recipe.answer_token import AnswerTokenClassifier  # noqa: E402
 
 VOCAB, CLASS_IDS = 32, [3, 5, 7]
-TARGETS = ["q_proj", "v_proj"]
+TARGETS = ("q_proj", "v_proj")
 RTOL = 1e-4
 """Float32 rounding, with room. With bitsandbytes 0.50.2 on this CPU the two models agree bit
 for bit (its 4-bit matmul dequantises the weight and calls the same float32 matmul), but a
@@ -38,83 +45,14 @@ factors, the Kronecker factors' eigendecompositions and the log-determinant can 
 ~1e-1 relative (the test fails then)."""
 
 
-def _llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-        attn_implementation="sdpa",
-    )
-    return LlamaForCausalLM(cfg)
-
-
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     """A tiny random float32 Llama saved with ``save_pretrained``."""
-    path = tmp_path_factory.mktemp("tiny_llama")
-    _llama().save_pretrained(path)
-    return path
-
-
-def _lora(model: nn.Module, seed: int = 1) -> nn.Module:
-    from peft import LoraConfig, get_peft_model
-
-    cfg = LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0, target_modules=TARGETS)
-    model = get_peft_model(model, cfg)
-    return randomise_trainable(model, seed, scale=0.3)  # B = 0 would hide the A curvature
+    return tiny_llama_folder(tmp_path_factory.mktemp("tiny_llama"), vocab=VOCAB)
 
 
 def kbit_model(folder, bits: int = 4, quant_type: str = "nf4") -> nn.Module:
-    """The saved Llama loaded in ``bits`` bits on the CPU, prepared for k-bit training, with
-    random LoRA factors."""
-    from peft import prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    if bits == 4:
-        quant = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_compute_dtype=torch.float32
-        )
-    else:
-        quant = BitsAndBytesConfig(load_in_8bit=True)
-    model = AutoModelForCausalLM.from_pretrained(
-        folder, quantization_config=quant, device_map="cpu", dtype=torch.float32
-    )
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    return _lora(model)
-
-
-def dequantised_4bit(layer) -> torch.Tensor:
-    """The float weight a ``bitsandbytes.nn.Linear4bit`` layer computes with."""
-    return bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
-
-
-def dequantised_twin(folder, qmodel: nn.Module) -> nn.Module:
-    """The float32 Llama whose 4-bit linear weights are ``qmodel``'s dequantised, with
-    ``qmodel``'s LoRA factors."""
-    from transformers import AutoModelForCausalLM
-
-    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    quantised = dict(kbit_layers(qmodel.get_base_model()))
-    with torch.no_grad():
-        for name, m in ref.named_modules():
-            q = quantised.get(name) or quantised.get(name + ".base_layer")
-            if q is not None:
-                m.weight.copy_(dequantised_4bit(q))
-    assert len(quantised) == 14  # 7 linear layers per block, 2 blocks; lm_head stays float
-    ref = _lora(ref)
-    trained = dict(qmodel.named_parameters())
-    with torch.no_grad():
-        for name, p in ref.named_parameters():
-            if p.requires_grad:
-                p.copy_(trained[name])
-    return ref
+    return kbit_llama_lora(folder, bits, quant_type, targets=TARGETS)
 
 
 def _batches(n_batches: int = 2, batch: int = 4, seq: int = 6, seed: int = 2) -> list[dict]:
@@ -157,6 +95,7 @@ def test_curvature_equals_that_of_the_dequantised_model(folder, quant_type):
     probabilities equal the float32 model with the dequantised weights, to float32 rounding.
     The sites are the LoRA factors' plain ``nn.Linear`` layers only."""
     qmodel = kbit_model(folder, quant_type=quant_type)
+    assert len(kbit_layers(qmodel)) == 14  # 7 linear layers per block, 2 blocks; lm_head float
     ref = dequantised_twin(folder, qmodel)
     batches = _batches()
     lq, lr = _fit(qmodel, batches), _fit(ref, batches)

@@ -130,7 +130,7 @@ def laplace_test_probs(
     priors = {"predictive": lap.predictive_prior}
     if lap.predictive_prior_precision is not None:
         priors["learned"] = lap.prior
-    generators = {k: torch.Generator().manual_seed(a.seed) for k in priors}
+    generators = {k: torch.Generator(lap.device).manual_seed(a.seed) for k in priors}
     probs: dict[str, list] = {k: [] for k in priors}
     labels = []
     glm = getattr(a.pred_type, "value", a.pred_type) == "glm"
