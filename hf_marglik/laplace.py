@@ -48,6 +48,7 @@ from .options import (
 )
 from .posterior import MAX_DENSE_BLOCK, KronPosterior, Posterior, posterior_from_state
 from .prior import Prior, flat_index, select_parameters, trainable_parameters
+from .quantization import keep_4bit_differentiable
 
 __all__ = ["Laplace", "MAX_DENSE_BLOCK", "NonFiniteFitError", "default_kfac_approx"]
 
@@ -71,7 +72,9 @@ class Laplace:
     """A Gaussian posterior ``N(θ*, (f·H + P)⁻¹)`` over the parameters with ``requires_grad=True``.
 
     Args:
-        model: the network; frozen parameters are never touched or copied.
+        model: the network; frozen parameters are never touched or copied (bitsandbytes 4-bit
+            layers only have their CPU bfloat16 inference repacking turned off,
+            :func:`hf_marglik.quantization.keep_4bit_differentiable`).
         likelihood: ``"classification"``, ``"regression"`` or ``"causal_lm"``.
         hessian_structure: ``"kron"`` (K-FAC, default), ``"diag"`` or ``"full"``.
         prior_precision: a float, or a tensor of length 1 (scalar), one per trainable tensor
@@ -162,6 +165,7 @@ class Laplace:
         self.temperature = float(temperature)
         self.batch_columns = bool(batch_columns)
         self.subset_of_weights = coerce(SubsetOfWeights, subset_of_weights, "subset_of_weights")
+        keep_4bit_differentiable(model)  # a k-bit base: no bf16 repacking on CPU
         named = trainable_parameters(model)
         named = [named[i] for i in select_parameters(named, self.subset_of_weights)]
         self.param_names = [n for n, _ in named]
@@ -800,10 +804,10 @@ class Laplace:
         self.prior_mean = sd.get("prior_mean", 0.0)
         self.sigma_noise = sd["sigma_noise"]
         self.n_data, self.n_outputs = sd["n_data"], sd["n_outputs"]
-        self.loss = sd["loss"].to(self.dtype)
-        self._mean, self._mean_sq = sd["mean"].to(self.dtype), None
+        self.loss = sd["loss"].to(self.device, self.dtype)
+        self._mean, self._mean_sq = sd["mean"].to(self.device, self.dtype), None
         self.posterior = posterior_from_state(
-            self.hessian_structure, self.sizes, sd.get("posterior", sd)
+            self.hessian_structure, self.sizes, _to_device(sd.get("posterior", sd), self.device)
         )
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
@@ -923,3 +927,20 @@ def _to_device(sd: dict, device) -> dict:
         return x
 
     return move(sd)
+
+
+def _to_device(obj, device: torch.device, memo: dict | None = None):
+    """``obj`` (a posterior's state: tensors in dicts, lists and tuples) with every tensor on
+    ``device``, a tensor held in several places moved once (hf_marglik 0.1's layout shares
+    factors by identity): a posterior saved from a GPU run and read with
+    ``map_location="cpu"`` goes back to the model's device."""
+    memo = {} if memo is None else memo
+    if isinstance(obj, Tensor):
+        if id(obj) not in memo:
+            memo[id(obj)] = obj.to(device)
+        return memo[id(obj)]
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device, memo) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_to_device(v, device, memo) for v in obj)
+    return obj

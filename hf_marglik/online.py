@@ -163,7 +163,9 @@ class OnlineCurvature:
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             self.curvature.all_reduce()
             dist.all_reduce(self.loss)
-            total = torch.tensor([float(counted), float(n_outputs or -1)], dtype=torch.float64)
+            total = torch.tensor(  # on the model's device: NCCL reduces CUDA tensors only
+                [float(counted), float(n_outputs or -1)], dtype=torch.float64, device=self.device
+            )
             dist.all_reduce(total[:1])
             dist.all_reduce(total[1:], op=dist.ReduceOp.MAX)
             counted, n_outputs = float(total[0]), int(total[1])

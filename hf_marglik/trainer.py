@@ -66,6 +66,7 @@ from .options import (
 from .parallel import check_parallelism, sum_over_processes
 from .preemption import SigtermCheckpointCallback
 from .prior import trainable_parameters
+from .quantization import keep_4bit_differentiable
 from .subset import CurvatureSubset, select_examples, subset_size
 from .tensor_files import save_tensors
 from .training_args import MargLikArguments
@@ -191,6 +192,7 @@ class MargLikTrainerMixin:
         if not hasattr(Trainer, "loss_is_scaled_for_ga"):
             # older transformers divide the loss by the accumulation steps unless this is set
             self.model_accepts_loss_kwargs = True
+        keep_4bit_differentiable(self.model)  # a k-bit base: no bf16 repacking on CPU
         if self.args.freeze_lora_a:
             frozen = freeze_lora_a(self.model)
             logger.info(
@@ -501,7 +503,7 @@ class MargLikTrainerMixin:
             a.pred_type,
             a.link_approx,
             a.predictive_samples,
-            torch.Generator().manual_seed(a.seed),
+            torch.Generator(self.laplace.device).manual_seed(a.seed),  # draws on that device
             gather=self.accelerator.gather_for_metrics,  # each process evaluates a shard
         )
         extra = {}

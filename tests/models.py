@@ -417,6 +417,95 @@ def llama_lora(**kw):
     return _causal_lm_lora(llama_lora_model, **kw)
 
 
+# ------------------------------------------------------------- k-bit bases (QLoRA)
+# A tiny random Llama saved with save_pretrained and loaded back through from_pretrained with a
+# BitsAndBytesConfig (bitsandbytes, the qlora extra), and its float twin with the dequantised
+# weights: tests/test_qlora.py and benchmarks/gpu_check.py.
+
+
+def tiny_llama_folder(path, vocab: int = 32, layers: int = 2, seed: int = 0):
+    """Save a random float32 Llama (hidden 64: 4-bit blocks of 64 fit every weight) to ``path``;
+    return ``path``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        attn_implementation="sdpa",
+    )
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+def _random_lora(model: nn.Module, targets: list[str], seed: int) -> nn.Module:
+    model = add_lora(model, "CAUSAL_LM", targets, r=2, lora_alpha=4)
+    return randomise_trainable(model, seed, scale=0.3)  # B = 0 would hide the A curvature
+
+
+def kbit_llama_lora(
+    folder,
+    bits: int = 4,
+    quant_type: str = "nf4",
+    compute_dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    targets: tuple[str, ...] = ("q_proj", "v_proj"),
+    seed: int = 1,
+) -> nn.Module:
+    """The Llama saved in ``folder`` loaded in ``bits`` bits on ``device``, prepared by peft's
+    ``prepare_model_for_kbit_training`` (no gradient checkpointing), with random LoRA factors
+    (r=2) on ``targets``."""
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if bits == 4:
+        quant = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_compute_dtype=compute_dtype
+        )
+    else:
+        quant = BitsAndBytesConfig(load_in_8bit=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, quantization_config=quant, device_map={"": device}, dtype=torch.float32
+    )
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return _random_lora(model, list(targets), seed)
+
+
+def dequantised_4bit(layer) -> Tensor:
+    """The float weight a ``bitsandbytes.nn.Linear4bit`` layer computes with."""
+    import bitsandbytes as bnb
+
+    return bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+
+
+def dequantised_twin(folder, qmodel: nn.Module, targets: tuple[str, ...] = ("q_proj", "v_proj")):
+    """The float32 model of ``folder`` whose 4-bit linear weights are ``qmodel``'s dequantised
+    ones, with ``qmodel``'s LoRA factors, on ``qmodel``'s device."""
+    from transformers import AutoModelForCausalLM
+
+    from hf_marglik.quantization import kbit_layers
+
+    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    quantised = dict(kbit_layers(qmodel.get_base_model()))
+    with torch.no_grad():
+        for name, m in ref.named_modules():
+            q = quantised.get(name) or quantised.get(name + ".base_layer")
+            if q is not None:
+                m.weight.copy_(dequantised_4bit(q).to(m.weight.device))
+    ref = _random_lora(ref, list(targets), 0).to(next(qmodel.parameters()).device)
+    trained = dict(qmodel.named_parameters())
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if p.requires_grad:
+                p.copy_(trained[name])
+    return ref
+
+
 # ------------------------------------------------------------- trainer runs in subprocesses
 class TinyNet(nn.Module):
     """A 4-6-3 tanh MLP taking ``batch["x"]`` (``dict_key_x="x"``): the model of the

@@ -16,6 +16,8 @@ BUNDLED_MINILM = "bundled:all-MiniLM-L6-v2"
 BUNDLED_SMOLLM2 = "bundled:SmolLM2-135M-Instruct"
 BUNDLED_BBC = "bundled:bbc_news"
 
+DTYPES = ("float32", "bfloat16", "float16")
+QUANT_TYPES = ("nf4", "fp4")
 TASKS = ("sequence_classification", "causal_lm", "answer_token", "sft")
 TASK_LIKELIHOOD = {
     "sequence_classification": "classification",
@@ -37,6 +39,9 @@ class ModelArguments:
 
     Model: ``model_name_or_path``, ``gguf_file``, ``model_dtype``, ``tiny_random_model``.
     Task: ``task`` (the head and the likelihood), ``num_labels``.
+    Quantised base (QLoRA, ``pip install hf_marglik[qlora]``): ``load_in_4bit`` /
+    ``load_in_8bit``, ``bnb_4bit_quant_type``, ``bnb_4bit_compute_dtype``,
+    ``bnb_4bit_use_double_quant``.
     """
 
     model_name_or_path: str = field(
@@ -81,15 +86,67 @@ class ModelArguments:
             "path stay real. For fast tests of the large-model configs; results are meaningless."
         },
     )
+    load_in_4bit: bool = field(
+        default=False,
+        metadata={
+            "help": "QLoRA: load the base model's linear layers in 4 bits (bitsandbytes, pip "
+            "install hf_marglik[qlora]); needs use_lora. The LoRA factors and the curvature "
+            "stay in float32. A GGUF model is quantised from its float32 weights cache."
+        },
+    )
+    load_in_8bit: bool = field(
+        default=False,
+        metadata={
+            "help": "Load the base model's linear layers in 8 bits (bitsandbytes LLM.int8()); "
+            "needs use_lora; not with load_in_4bit."
+        },
+    )
+    bnb_4bit_quant_type: str = field(
+        default="nf4",
+        metadata={
+            "help": "4-bit data type: nf4 (QLoRA's NormalFloat) or fp4.",
+            "choices": QUANT_TYPES,
+        },
+    )
+    bnb_4bit_compute_dtype: str | None = field(
+        default=None,
+        metadata={
+            "help": "dtype the 4-bit layers dequantise to and compute in: float32, bfloat16 or "
+            "float16; None: model_dtype."
+        },
+    )
+    bnb_4bit_use_double_quant: bool = field(
+        default=False,
+        metadata={"help": "Quantise the 4-bit block scales too (QLoRA's double quantisation)."},
+    )
+
+    @property
+    def kbit(self) -> int | None:
+        """4 or 8 for a quantised base, else None."""
+        return 4 if self.load_in_4bit else 8 if self.load_in_8bit else None
 
     def __post_init__(self):
         if self.task not in TASKS:
             raise RecipeError(f"task={self.task!r} is not valid; choose one of {', '.join(TASKS)}.")
         if self.num_labels is not None and self.num_labels < 2:
             raise RecipeError(f"num_labels={self.num_labels} must be at least 2.")
-        if self.model_dtype not in ("float32", "bfloat16", "float16"):
+        if self.model_dtype not in DTYPES:
             raise RecipeError(
                 f"model_dtype={self.model_dtype!r} is not valid; choose float32, bfloat16 or float16."
+            )
+        if self.load_in_4bit and self.load_in_8bit:
+            raise RecipeError(
+                "load_in_4bit and load_in_8bit are both set; choose one (4 bits for QLoRA)."
+            )
+        if self.bnb_4bit_quant_type not in QUANT_TYPES:
+            raise RecipeError(
+                f"bnb_4bit_quant_type={self.bnb_4bit_quant_type!r} is not valid; choose "
+                f"{' or '.join(QUANT_TYPES)}."
+            )
+        if self.bnb_4bit_compute_dtype not in (None, *DTYPES):
+            raise RecipeError(
+                f"bnb_4bit_compute_dtype={self.bnb_4bit_compute_dtype!r} is not valid; choose "
+                f"{', '.join(DTYPES)} (or leave it unset for model_dtype)."
             )
 
 

@@ -31,7 +31,8 @@ class CalibrationMeter:
 
     @torch.no_grad()
     def update(self, logits: Tensor, y: Tensor) -> None:
-        """Add predictions ``logits`` (n, K) with targets ``y`` (n,)."""
+        """Add predictions ``logits`` (n, K) with targets ``y`` (n,), on any device (the bin
+        sums stay on the CPU)."""
         logp = torch.log_softmax(logits.double(), dim=-1)
         p = logp.exp()
         p_y = p.gather(-1, y[:, None]).squeeze(-1)
@@ -41,6 +42,7 @@ class CalibrationMeter:
         self.correct += float(hit.sum())
         self.nll += float(-logp.gather(-1, y[:, None]).sum())
         self.brier += float(((p**2).sum(-1) - 2 * p_y + 1).sum())
+        conf, hit = conf.cpu(), hit.cpu()
         bins = torch.clamp((conf * self.n_bins).long(), max=self.n_bins - 1)
         self.bin_count += torch.bincount(bins, minlength=self.n_bins).double()
         self.bin_conf += torch.bincount(bins, weights=conf, minlength=self.n_bins)

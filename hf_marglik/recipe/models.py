@@ -5,12 +5,21 @@ that the sequence-length check runs before any weights are loaded. :func:`build_
 weights (or a tiny random model of the same architecture) and wraps them in a peft LoRA model.
 A GGUF model (the bundled SmolLM2) is dequantised once into a float32 weights cache, which
 later starts read instead (:mod:`~hf_marglik.recipe.weights_cache`).
+
+A k-bit base (``load_in_4bit`` / ``load_in_8bit``, QLoRA) is loaded through
+``from_pretrained(..., quantization_config=BitsAndBytesConfig(...))`` from a folder of float
+weights: the model folder, the GGUF model's weights cache (transformers refuses to quantise
+while reading a GGUF file), or a temporary folder written for a tiny random model or a GGUF
+model without a cache. It is then made ready for training by peft's
+``prepare_model_for_kbit_training`` (everything frozen, half-precision non-quantised weights
+in float32; gradient checkpointing only when the training arguments ask for it).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +39,11 @@ TINY = {
     "num_key_value_heads": 2,
     "head_dim": 16,
 }
+
+
+SEQ_CLS_HEADS = ["classifier", "score"]
+"""The head names of transformers' sequence-classification models (peft's default
+``modules_to_save`` for ``TaskType.SEQ_CLS``): kept in float on a k-bit base."""
 
 
 @dataclass
@@ -125,7 +139,46 @@ def _tiny_config(config):
     return config
 
 
-def _load_base(args: ModelArguments, source: ModelSource, num_labels: int | None) -> nn.Module:
+def check_quantization(args: ModelArguments, lora: LoraArguments) -> None:
+    """A k-bit base needs a LoRA adapter (its quantised weights cannot be trained) and
+    bitsandbytes; a :class:`RecipeError` that says so, before any weights are loaded."""
+    if args.kbit is None:
+        return
+    flag = f"load_in_{args.kbit}bit"
+    if not lora.use_lora:
+        raise RecipeError(
+            f"{flag} needs use_lora: true: quantised weights cannot be trained, only a LoRA "
+            "adapter on top of them (QLoRA)."
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise RecipeError(f"{flag} needs bitsandbytes: pip install hf_marglik[qlora].")
+
+
+def quantization_config(args: ModelArguments, skip_modules: list[str] | None = None):
+    """The ``BitsAndBytesConfig`` of ``args`` (None for a float base); ``skip_modules`` stay in
+    float (a new task head, trained in full)."""
+    if args.kbit is None:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if args.kbit == 8:
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip_modules)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=args.bnb_4bit_quant_type,
+        bnb_4bit_compute_dtype=getattr(torch, args.bnb_4bit_compute_dtype or args.model_dtype),
+        bnb_4bit_use_double_quant=args.bnb_4bit_use_double_quant,
+        llm_int8_skip_modules=skip_modules,
+    )
+
+
+def _load_base(
+    args: ModelArguments,
+    source: ModelSource,
+    num_labels: int | None,
+    skip_modules: list[str] | None = None,
+    device: str | None = None,
+) -> nn.Module:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     auto = (
@@ -135,20 +188,51 @@ def _load_base(args: ModelArguments, source: ModelSource, num_labels: int | None
     )
     dtype = getattr(torch, args.model_dtype)
     extra = {"num_labels": num_labels} if args.task == "sequence_classification" else {}
-    if args.tiny_random_model:
-        config = _tiny_config(source.config)
-        for key, value in extra.items():
-            setattr(config, key, value)
-        model = auto.from_config(config, dtype=dtype)
-    else:
-        # a GGUF file is dequantised once, to the weights cache; later loads read the cache
-        cache = None
-        if source.gguf_file:
-            cache = weights_cache.cached_gguf(source.path, source.gguf_file)
-        kwargs = {"gguf_file": source.gguf_file} if source.gguf_file and cache is None else {}
-        model = auto.from_pretrained(str(cache or source.path), dtype=dtype, **kwargs, **extra)
+    quant = quantization_config(args, skip_modules)
+    with tempfile.TemporaryDirectory(prefix="hf_marglik-float-") as tmp:
+        if args.tiny_random_model:
+            config = _tiny_config(source.config)
+            for key, value in extra.items():
+                setattr(config, key, value)
+            model = auto.from_config(config, dtype=dtype)
+            if quant is None:
+                return _with_pad_token(model, source)
+            model.save_pretrained(tmp)  # quantised only through from_pretrained
+            folder, kwargs = tmp, {}
+        else:
+            # a GGUF file is dequantised once, to the weights cache; later loads read the cache
+            cache = None
+            if source.gguf_file:
+                cache = weights_cache.cached_gguf(source.path, source.gguf_file)
+            folder = str(cache or source.path)
+            kwargs = {"gguf_file": source.gguf_file} if source.gguf_file and cache is None else {}
+            if quant is not None and kwargs:  # no cache: write the float weights once, here
+                weights_cache.dequantise(source.path, source.gguf_file)[0].save_pretrained(tmp)
+                folder, kwargs = tmp, {}
+        if quant is not None:
+            kwargs.update(quantization_config=quant, device_map={"": device or "cpu"})
+        model = auto.from_pretrained(folder, dtype=dtype, **kwargs, **extra)
+    return _with_pad_token(model, source)
+
+
+def _with_pad_token(model: nn.Module, source: ModelSource) -> nn.Module:
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = source.tokenizer.pad_token_id
+    return model
+
+
+def _prepare_kbit(model: nn.Module, gradient_checkpointing: bool) -> nn.Module:
+    """peft's ``prepare_model_for_kbit_training`` (gradient checkpointing as the training
+    arguments ask), with bitsandbytes' CPU bfloat16 inference repacking of the 4-bit layers
+    turned off (:func:`hf_marglik.quantization.keep_4bit_differentiable`)."""
+    from peft import prepare_model_for_kbit_training
+
+    from ..quantization import keep_4bit_differentiable
+
+    model = prepare_model_for_kbit_training(
+        model, use_gradient_checkpointing=gradient_checkpointing
+    )
+    keep_4bit_differentiable(model)
     return model
 
 
@@ -190,9 +274,22 @@ def build_model(
     source: ModelSource,
     num_labels: int | None,
     class_token_ids: list[int] | None = None,
+    *,
+    gradient_checkpointing: bool = False,
+    device: str | None = None,
 ) -> nn.Module:
-    """The model to train: base model + task head, LoRA-wrapped when ``lora.use_lora``."""
-    model = _load_base(args, source, num_labels)
+    """The model to train: base model + task head, LoRA-wrapped when ``lora.use_lora``.
+
+    A k-bit base (``args.load_in_4bit`` / ``load_in_8bit``) is placed on ``device`` (default
+    CPU; the Trainer does not move a quantised model) and prepared for training as the module
+    docstring says; a new sequence-classification head (``lora_modules_to_save``, by default
+    the head peft trains in full) stays in float."""
+    skip = None
+    if args.kbit is not None and args.task == "sequence_classification":
+        skip = list(lora.lora_modules_to_save or SEQ_CLS_HEADS)
+    model = _load_base(args, source, num_labels, skip, device)
+    if args.kbit is not None:
+        model = _prepare_kbit(model, gradient_checkpointing)
     if lora.use_lora:
         model = _add_lora(model, args, lora)
     if args.task == "answer_token":

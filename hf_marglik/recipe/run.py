@@ -23,7 +23,14 @@ from .data import TextData, check_label_range, load_text_data
 from .encode import PadCollator, encode_splits
 from .errors import RecipeError
 from .metrics import CalibrationMeter, evaluate
-from .models import ModelSource, adapter_model, build_model, check_max_length, load_source
+from .models import (
+    ModelSource,
+    adapter_model,
+    build_model,
+    check_max_length,
+    check_quantization,
+    load_source,
+)
 from .report import (
     LEGACY_POSTERIOR_NAME,
     POSTERIOR_CONFIG_NAME,
@@ -134,7 +141,7 @@ def laplace_test_probs(
     priors = {"predictive": lap.predictive_prior}
     if lap.predictive_prior_precision is not None:
         priors["learned"] = lap.prior
-    generators = {k: torch.Generator().manual_seed(a.seed) for k in priors}
+    generators = {k: torch.Generator(lap.device).manual_seed(a.seed) for k in priors}
     probs: dict[str, list] = {k: [] for k in priors}
     labels = []
     glm = getattr(a.pred_type, "value", a.pred_type) == "glm"
@@ -227,6 +234,7 @@ class Prepared:
 def prepare(cfg: RunConfig) -> Prepared:
     """Check every input and encode the splits (no weights are loaded)."""
     m, d = cfg.model, cfg.data
+    check_quantization(m, cfg.lora)
     source = load_source(m)
     check_max_length(source, d.max_seq_length)
     check_marglik_settings(cfg, len(source.tokenizer))
@@ -281,6 +289,7 @@ def load_trained(cfg: RunConfig, prepared: Prepared, output_dir: str | Path):
         prepared.source,
         prepared.num_labels,
         prepared.class_ids,
+        **_placement(cfg),
     )
     model = PeftModel.from_pretrained(adapter_model(base), str(out), is_trainable=True)
     if cfg.model.task == "answer_token":
@@ -293,6 +302,22 @@ def load_trained(cfg: RunConfig, prepared: Prepared, output_dir: str | Path):
     return model, None
 
 
+def _quantized(m) -> str:
+    """How a k-bit base was quantised, for the results' model name."""
+    if m.kbit == 8:
+        return " (8-bit base)"
+    double = ", double quant" if m.bnb_4bit_use_double_quant else ""
+    compute = m.bnb_4bit_compute_dtype or m.model_dtype
+    return f" (4-bit {m.bnb_4bit_quant_type} base, {compute} compute{double})"
+
+
+def _placement(cfg: RunConfig) -> dict:
+    """``build_model``'s keywords from the training arguments: gradient checkpointing, and for a
+    k-bit base the device (the Trainer does not move a quantised model)."""
+    device = str(cfg.training.device) if cfg.model.kbit is not None else None
+    return {"gradient_checkpointing": bool(cfg.training.gradient_checkpointing), "device": device}
+
+
 def run(cfg: RunConfig) -> dict:
     """Train and evaluate as configured; return the results written to ``metrics.json``."""
     from transformers import set_seed
@@ -303,7 +328,9 @@ def run(cfg: RunConfig) -> dict:
     data, encoded = prep.data, prep.encoded
 
     set_seed(cfg.training.seed)
-    model = build_model(m, cfg.lora, prep.source, prep.num_labels, prep.class_ids)
+    model = build_model(
+        m, cfg.lora, prep.source, prep.num_labels, prep.class_ids, **_placement(cfg)
+    )
     trainer = _trainer(cfg, model, encoded, prep.collator, prep.source.tokenizer)
     train_start, train_cpu_start = time.time(), time.process_time()
     train_resumable(trainer)  # resume_from_checkpoint; SIGTERM: checkpoint, then stop
@@ -334,7 +361,9 @@ def run(cfg: RunConfig) -> dict:
     results = {
         "mode": "marglik" if cfg.marglik else "plain",
         "config_file": cfg.config_file,
-        "model": m.model_name_or_path + (" (tiny random)" if m.tiny_random_model else ""),
+        "model": m.model_name_or_path
+        + (" (tiny random)" if m.tiny_random_model else "")
+        + (_quantized(m) if m.kbit else ""),
         "task": m.task,
         "class_names": data.class_names,
         "n_train": len(encoded["train"]),
