@@ -69,7 +69,8 @@ class _Recording(MargLikTrainer):
 
     def train(self, *args, **kwargs):
         out = super().train(*args, **kwargs)
-        self.runs.append((self.model, self.laplace.prior_precision.clone(), self.objective))
+        prec = self.laplace.prior_precision.clone()
+        self.runs.append((self.model, prec, self.objective, self.best_marglik / self.n_data))
         return out
 
 
@@ -88,13 +89,19 @@ def test_search_chooses_what_the_exact_evidence_chooses(tmp_path):
     """A grid of ranks × target sets: each trial's objective is the evidence per data point of
     the model its train() kept, as the dense formula gives it (no eval_dataset: the objective
     never evaluates); the search maximises it, so its best run is the dense argmax; every trial
-    trains its own model_init(trial) model, and the trainer holds nothing of earlier ones."""
+    trains its own model_init(trial) model, and the trainer holds nothing of earlier ones.
+
+    The kept model is the last one, trained a step past the last update (``marglik_steps=3`` of
+    four steps, ``restore_best_marglik=False``): its evidence is not the best one seen during
+    training, which the objective must not report."""
     data = _tokens()
     args = tiny_trainer_args(
         tmp_path / "out",
         hessian_structure="full",
         num_train_epochs=2,
         n_epochs_burnin=0,
+        marglik_steps=3,
+        restore_best_marglik=False,
         n_hypersteps=10,
         learning_rate=0.05,
     )
@@ -117,7 +124,7 @@ def test_search_chooses_what_the_exact_evidence_chooses(tmp_path):
     }
 
     dense = []
-    for t, (model, prec, objective) in zip(trials, trainer.runs):
+    for t, (model, prec, objective, best_seen) in zip(trials, trainer.runs):
         r, targets = t.params["lora_r"], t.params["targets"].split("+")
         lora_a = {n: p for n, p in model.named_parameters() if "lora_A" in n}
         assert {n.split(".")[-4] for n in lora_a} == set(
@@ -127,6 +134,7 @@ def test_search_chooses_what_the_exact_evidence_chooses(tmp_path):
         exact = _dense_evidence_per_datum(model, data, prec)
         assert objective == pytest.approx(exact, rel=1e-9, abs=1e-12)
         assert t.value == objective
+        assert abs(objective - best_seen) > 1e-6
         dense.append(exact)
     assert len({round(d, 9) for d in dense}) == 4  # distinct: the argmax means something
     chosen = max(range(4), key=lambda i: dense[i])
@@ -136,7 +144,7 @@ def test_search_chooses_what_the_exact_evidence_chooses(tmp_path):
     last_model = trainer.runs[-1][0]
     ids = {id(p) for p in last_model.parameters()}
     assert all(id(p) in ids for p in trainer.marglik_loop.params)
-    assert len({id(m) for m, _, _ in trainer.runs}) == 4
+    assert len({id(run[0]) for run in trainer.runs}) == 4
 
 
 def test_model_init_builds_each_run_with_frozen_lora_a(tmp_path):
