@@ -22,7 +22,7 @@ $(VENV)/.stamp-install: setup.cfg pyproject.toml | $(BIN)/python
 # Test-only references. laplace-torch and backpack require torchvision, whose PyPI wheel breaks
 # `import peft` beside the CPU torch: install them without it (they import fine).
 $(VENV)/.stamp-test: $(VENV)/.stamp-install requirements-test.txt
-	$(BIN)/pip install -q -e ".[dev,trl,qlora]"
+	$(BIN)/pip install -q -e ".[dev,trl,qlora,search]"
 	$(BIN)/pip install -q --no-deps -r requirements-test.txt
 	$(BIN)/pip install -q opt-einsum torchmetrics einops einconv linear_operator unfoldNd
 	touch $@

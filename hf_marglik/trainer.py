@@ -18,7 +18,8 @@ trains with.
 
 :class:`MargLikTrainerMixin` holds all of it for any ``Trainer`` subclass (TRL's ``SFTTrainer``
 in :mod:`hf_marglik.sft`); it overrides public Trainer hooks only (``train``, ``compute_loss``,
-``get_batch_samples``, ``evaluate``, ``save_model``) and adds two callbacks.
+``get_batch_samples``, ``evaluate``, ``save_model``, ``call_model_init``,
+``hyperparameter_search``) and adds two callbacks.
 """
 
 from __future__ import annotations
@@ -91,6 +92,9 @@ class _MargLikCallback(TrainerCallback):
     def __init__(self, trainer: MargLikTrainerMixin):
         self.trainer = trainer
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._on_train_begin()
+
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self.trainer._apply_decoupled_prior()
 
@@ -139,6 +143,8 @@ class MargLikTrainerMixin:
     - ``marglik_update_steps``: the global steps after which the hyperparameters were updated;
     - ``marglik_skipped_steps``: the steps whose update was skipped (a curvature fit or log
       marginal likelihood with NaN / Inf, a step to a precision of 0 or Inf; with a warning);
+    - ``log_marglik``, ``log_marglik_per_datum``: the evidence of ``laplace`` (total, and per
+      data point);
     - ``n_data``: the data points the likelihood counts (sequences, or target tokens);
     - ``marglik_loop``: the :class:`~hf_marglik.loop.MargLikLoop` (hyper-optimiser, best
       update, histories).
@@ -162,6 +168,10 @@ class MargLikTrainerMixin:
     ``save_model`` writes ``marglik_hyperparameters.json`` beside the model. Data-parallel runs
     (accelerate, torchrun) count the data and sum the curvature over all processes, which then
     hold identical hyperparameters.
+
+    With ``model_init`` instead of ``model``, every ``train()`` trains the model the Trainer
+    builds for it, with a fresh marginal-likelihood state; :meth:`hyperparameter_search` chooses
+    among such runs by their evidence.
     """
 
     loss_is_scaled_for_ga = True
@@ -185,21 +195,14 @@ class MargLikTrainerMixin:
                 "training: pass an eval_dataset (a validation split), or set "
                 "predictive_prior='marglik'."
             )
-        if self.model_init is not None:
-            raise ValueError(f"model_init is not supported by {type(self).__name__}; pass a model.")
         if self.args.label_names is None:
             self.label_names = [self.args.dict_key_y]
         if not hasattr(Trainer, "loss_is_scaled_for_ga"):
             # older transformers divide the loss by the accumulation steps unless this is set
             self.model_accepts_loss_kwargs = True
         keep_4bit_differentiable(self.model)  # a k-bit base: no bf16 repacking on CPU
-        if self.args.freeze_lora_a:
-            frozen = freeze_lora_a(self.model)
-            logger.info(
-                "freeze_lora_a: %d LoRA A factors frozen at their initialisation; LoRA B and the "
-                "other trainable tensors train.",
-                len(frozen),
-            )
+        if self.model_init is None:  # call_model_init prepared a model_init's model
+            self._freeze(self.model)
         named = trainable_parameters(self.model)  # a clear error when nothing is trainable
         self._names, self._params = [n for n, _ in named], [p for _, p in named]
         self._check_inputs()  # before any work, so that scripts report them as bad input
@@ -207,6 +210,8 @@ class MargLikTrainerMixin:
         self.n_data: int | None = None
         self._curvature_subset = None
         self._online: OnlineCurvature | None = None
+        self._deferred_start: tuple[str | None] | None = None
+        self._search_trial = None
         self.add_callback(_MargLikCallback(self))
         # after the marglik callback: a SIGTERM checkpoint holds that step's update
         self.sigterm_callback = SigtermCheckpointCallback() if self.args.save_on_sigterm else None
@@ -243,6 +248,23 @@ class MargLikTrainerMixin:
         """The best log marginal likelihood seen during training (None before any update)."""
         return None if self.marglik_loop is None else self.marglik_loop.best_marglik
 
+    @property
+    def log_marglik(self) -> float | None:
+        """``log p(D | M)``: the Laplace log marginal likelihood of ``laplace`` (after
+        :meth:`train`, the posterior of the model the trainer keeps, at the kept
+        hyperparameters). None without a posterior."""
+        if self.laplace is None:
+            return None
+        with torch.no_grad():
+            return float(self.laplace.log_marginal_likelihood())
+
+    @property
+    def log_marglik_per_datum(self) -> float | None:
+        """:attr:`log_marglik` divided by ``n_data``: the evidence that
+        :meth:`hyperparameter_search` maximises by default. None without a posterior."""
+        total = self.log_marglik
+        return None if total is None or not self.n_data else total / self.n_data
+
     # ------------------------------------------------------------------ training
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs):
         """``Trainer.train`` with the marginal-likelihood steps. At the end the trainer keeps
@@ -263,7 +285,15 @@ class MargLikTrainerMixin:
             resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
         elif resume_from_checkpoint is False:
             resume_from_checkpoint = None
-        self._start(resume_from_checkpoint)
+        self._search_trial = trial
+        if self.model_init is None:
+            self._start(resume_from_checkpoint)
+        else:
+            # Trainer.train builds this run's model (model_init(trial)) and sets the trial's
+            # arguments: the marginal-likelihood state starts on that model, at on_train_begin.
+            # Nothing of the previous run's model is kept meanwhile.
+            self._drop_state()
+            self._deferred_start = (resume_from_checkpoint,)
         stop = self.sigterm_callback
         if stop is not None:
             stop.install()
@@ -277,7 +307,97 @@ class MargLikTrainerMixin:
         if stop is not None and stop.stopped_at is not None:
             return output  # preempted: the checkpoint is written, finish after resuming
         self._finish()
+        if (
+            trial is not None
+            and getattr(self, "compute_objective", None) == self.evidence_objective
+        ):
+            # the search's objective is the kept model's evidence, not a value an evaluation
+            # during training reported for an earlier model (Trainer.hyperparameter_search
+            # reads `objective` after train())
+            self.objective = self.evidence_objective({})
         return output
+
+    def _on_train_begin(self) -> None:
+        if self._deferred_start is not None:
+            (checkpoint,) = self._deferred_start
+            self._deferred_start = None
+            self._start(checkpoint)
+
+    def _drop_state(self) -> None:
+        """Forget the marginal-likelihood state of an earlier run (and with it that run's
+        model, which the posterior and the parameter lists hold)."""
+        self.marglik_loop = None
+        self._names, self._params = [], []
+        self._online = self._curvature_subset = self._fit_dataset = None
+
+    def _freeze(self, model) -> None:
+        if getattr(self.args, "freeze_lora_a", False):
+            frozen = freeze_lora_a(model)
+            logger.info(
+                "freeze_lora_a: %d LoRA A factors frozen at their initialisation; LoRA B and the "
+                "other trainable tensors train.",
+                len(frozen),
+            )
+
+    def call_model_init(self, trial=None):
+        """``Trainer.call_model_init`` (``model_init()`` or ``model_init(trial)``), with the LoRA
+        A factors frozen when ``freeze_lora_a`` is set."""
+        model = super().call_model_init(trial)
+        keep_4bit_differentiable(model)
+        self._freeze(model)
+        return model
+
+    # ------------------------------------------------------------------ model selection
+    def hyperparameter_search(
+        self,
+        hp_space=None,
+        compute_objective=None,
+        n_trials: int = 20,
+        direction: str | list[str] | None = None,
+        backend: str | None = "optuna",
+        hp_name=None,
+        **kwargs,
+    ):
+        """``Trainer.hyperparameter_search`` (optuna backend; needs ``pip install
+        hf_marglik[search]`` and a trainer built with ``model_init``), choosing models by their
+        evidence: without ``compute_objective`` each trial's objective is
+        :attr:`log_marglik_per_datum` of the model that trial's ``train()`` keeps (no
+        ``eval_dataset`` needed), ``direction`` defaults to ``"maximize"`` and no trial is pruned
+        (optuna's ``NopPruner``, unless ``pruner=`` is passed: values reported during training
+        are earlier posteriors' evidence). With a ``compute_objective`` it is the Trainer's
+        search on the metrics of ``evaluate()`` (``direction`` default ``"minimize"``).
+
+        ``model_init(trial)`` builds each trial's model (e.g. a LoRA rank from
+        ``trial.suggest_categorical``; ``trial`` is None when the trainer is constructed);
+        ``hp_space(trial)`` returns the training arguments a trial sets. Returns the Trainer's
+        ``BestRun``; the trainer holds the last trial afterwards, not the best."""
+        if backend in (None, "optuna"):
+            from .search import require_optuna
+
+            optuna = require_optuna()
+            backend = "optuna"
+            if compute_objective is None:
+                kwargs.setdefault("pruner", optuna.pruners.NopPruner())
+        if compute_objective is None:
+            compute_objective = self.evidence_objective
+            direction = "maximize" if direction is None else direction
+        elif direction is None:
+            direction = "minimize"
+        return super().hyperparameter_search(
+            hp_space=hp_space,
+            compute_objective=compute_objective,
+            n_trials=n_trials,
+            direction=direction,
+            backend=backend,
+            hp_name=hp_name,
+            **kwargs,
+        )
+
+    def evidence_objective(self, metrics: dict[str, float] | None = None) -> float:
+        """The default objective of :meth:`hyperparameter_search`: :attr:`log_marglik_per_datum`
+        (``metrics`` are not read); NaN before the first posterior exists."""
+        value = self.log_marglik_per_datum
+        return math.nan if value is None else value
 
     def _start(self, checkpoint: str | None) -> None:
         a = self.args
@@ -764,13 +884,23 @@ class MargLikTrainerMixin:
         )
         if not self.args.should_save:
             return
-        folder = checkpoint_folder(self.args.output_dir, self.state.global_step)
+        folder = checkpoint_folder(self._run_dir(), self.state.global_step)
         if not os.path.isdir(folder):
             warnings.warn(
                 f"Checkpoint folder {folder} not found; marglik state not saved.", stacklevel=2
             )
             return
         save_torch(self._state_dict(), os.path.join(folder, STATE_NAME))
+
+    def _run_dir(self) -> str:
+        """The folder of this run's checkpoints: ``output_dir``, or in a trial of an optuna
+        search the Trainer's ``output_dir/run-<trial number>`` (``hp_name(trial)`` if given)."""
+        trial = self._search_trial
+        number = getattr(trial, "number", None)
+        if getattr(self, "hp_search_backend", None) is None or number is None:
+            return self.args.output_dir
+        hp_name = getattr(self, "hp_name", None)
+        return os.path.join(self.args.output_dir, hp_name(trial) if hp_name else f"run-{number}")
 
     def _read_state(self, checkpoint: str) -> dict:
         """The state file of ``checkpoint``, in the current format (version 1 files, written by

@@ -1,6 +1,7 @@
 """Fine-tune a pretrained model with LoRA, by weight decay or by marginal likelihood.
 
     python scripts/train.py [--config configs/NAME.yaml] [--marglik] [--key value ...]
+    python scripts/train.py --marglik --select lora_r=4,8 [--select KEY=V1,V2 ...]
 
 Without a config: all-MiniLM-L6-v2 + LoRA (r=8, query/value) + a 5-way head on a fixed split of
 BBC News (320 train / 80 validation / 200 test articles, 128 tokens), all offline. See
@@ -30,12 +31,12 @@ def main(args: list[str] | None = None) -> int:
     0 on success, 2 for a bad input (the message is printed, no traceback), 143 after SIGTERM
     (a checkpoint was written; resume with ``--resume_from_checkpoint true``)."""
     from hf_marglik.preemption import SIGTERM_EXIT_CODE
-    from hf_marglik.recipe import RecipeError, parse_args, run
+    from hf_marglik.recipe import RecipeError, parse_args, run, select
     from hf_marglik.recipe.errors import TrainingInterrupted
 
     try:
         cfg = parse_args(args)
-        run(cfg)
+        select(cfg) if cfg.select else run(cfg)
     except RecipeError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2

@@ -228,9 +228,11 @@ def bert_lora_model(
     attn: str = "eager",
     dtype: torch.dtype = DTYPE,
     seed: int = 0,
+    targets: tuple[str, ...] = ("query", "value"),
 ) -> nn.Module:
     """Random BERT for sequence classification (regression with ``num_labels`` outputs), no
-    dropout, with LoRA on query/value and the classifier head in ``modules_to_save``."""
+    dropout, with LoRA on ``targets`` (query/value) and the classifier head in
+    ``modules_to_save``."""
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(seed)
@@ -248,9 +250,7 @@ def bert_lora_model(
         attn_implementation=attn,
     )
     model = BertForSequenceClassification(cfg).to(dtype)
-    return add_lora(
-        model, "SEQ_CLS", ["query", "value"], r, lora_alpha, modules_to_save=["classifier"]
-    )
+    return add_lora(model, "SEQ_CLS", list(targets), r, lora_alpha, modules_to_save=["classifier"])
 
 
 def bert_lora(

@@ -5,13 +5,15 @@ Modules, one job each: ``arguments`` (config dataclasses), ``config`` (YAML + co
 ``data`` (load and split texts), ``encode`` (tokenise, pad), ``models`` (load, LoRA),
 ``answer_token`` (answer-token classification with a causal LM), ``metrics`` (accuracy, NLL,
 ECE, Brier), ``plotting``, ``report`` (outputs, summary), ``resume`` (resume, SIGTERM), ``run``
-(the run itself).
+(the run itself), ``grid`` and ``selection`` (``--select``: candidates, model selection by the
+evidence).
 """
 
 from .arguments import DataArguments, LoraArguments, ModelArguments
 from .config import RunConfig, make_parser, parse_args
 from .errors import RecipeError
 from .run import run
+from .selection import select
 
 __all__ = [
     "DataArguments",
@@ -22,4 +24,5 @@ __all__ = [
     "make_parser",
     "parse_args",
     "run",
+    "select",
 ]

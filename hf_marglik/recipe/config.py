@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import sys
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ import yaml
 
 from .arguments import DataArguments, LoraArguments, ModelArguments
 from .errors import RecipeError, nearest
+from .grid import parse_selection
 
 # The embedded default run: MiniLM + LoRA r=8 (query, value) + 5-way head on the BBC News split.
 # Values that differ from the dataclass defaults of TrainingArguments / MargLikTrainingArguments.
@@ -66,6 +68,10 @@ class RunConfig:
     training: Any  # MargLikTrainingArguments (--marglik) or TrainingArguments
     marglik: bool
     config_file: str | None
+    select: dict[str, list[tuple[str, ...]]] | None = None
+    """``--select``: each key's candidate values as command-line tokens (:mod:`.grid`)."""
+    argv: list[str] | None = None
+    """The command line this configuration was parsed from."""
 
 
 def _str2bool(value: str | bool) -> bool:
@@ -107,6 +113,18 @@ def make_parser(task: str | None = None):
         help="Train with MargLikTrainer: the prior (learned by the marginal likelihood) replaces "
         "weight decay, which is set to 0. Without it: transformers.Trainer with the config's "
         "weight_decay.",
+    )
+    parser.add_argument(
+        "--select",
+        type=str,
+        action="append",
+        default=None,
+        metavar="KEY=V1,V2",
+        help="With --marglik: train every combination of these values (repeat the flag for more "
+        "keys; a list flag's items joined by '+', e.g. lora_target_modules=query,query+value) "
+        "and keep the one of the highest evidence (log marginal likelihood per data point). "
+        "Candidates go to output_dir/candidates/<i>/, the chosen one's files to output_dir, "
+        "with selection.json. In YAML: select: {lora_r: [4, 8]}.",
     )
     parser.set_defaults(**RECIPE_DEFAULTS)
     if task == "sft":
@@ -274,8 +292,10 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     task = _task(argv, known.config)
     parser = make_parser(task)
     cfg: dict[str, Any] = {}
+    yaml_select = None
     if known.config is not None:
         cfg = load_yaml(known.config, valid_keys(parser))
+        yaml_select = cfg.pop("select", None)
         cfg = check_yaml_types(cfg, parser, known.config, task)
         parser.set_defaults(**cfg)
     marglik = known.marglik if known.marglik is not None else bool(cfg.get("marglik", False))
@@ -296,6 +316,9 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
             f"Unknown argument {flags[0]!r}.{nearest(flags[0], options)} See --help for all flags."
         )
     values = vars(namespace)
+    select = parse_selection(
+        parser, values["select"], yaml_select, bool(values["marglik"]), known.config
+    )
     try:  # the dataclasses' __post_init__ checks raise ValueError / TypeError
         model_args, data_args, lora_args = (
             cls(**_pick(values, cls)) for cls in (ModelArguments, DataArguments, LoraArguments)
@@ -304,7 +327,14 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     except (ValueError, TypeError) as e:
         raise RecipeError(str(e)) from None
     return RunConfig(
-        model_args, data_args, lora_args, training_args, bool(values["marglik"]), known.config
+        model_args,
+        data_args,
+        lora_args,
+        training_args,
+        bool(values["marglik"]),
+        known.config,
+        select,
+        list(sys.argv[1:] if argv is None else argv),
     )
 
 

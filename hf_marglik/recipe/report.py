@@ -106,6 +106,9 @@ def marglik_results(trainer) -> dict:
     per_tensor = hyper["prior_precision_per_tensor"]
     values = list(per_tensor.values())
     return {
+        # the evidence of the kept model (its posterior's), and per data point
+        "log_marglik": trainer.log_marglik,
+        "log_marglik_per_datum": trainer.log_marglik_per_datum,
         "log_marglik_best": trainer.best_marglik,
         "neg_log_marglik_history": list(trainer.margliks),
         "update_steps": list(trainer.marglik_update_steps),

@@ -320,6 +320,22 @@ def _placement(cfg: RunConfig) -> dict:
 
 def run(cfg: RunConfig) -> dict:
     """Train and evaluate as configured; return the results written to ``metrics.json``."""
+    return train_run(cfg).results
+
+
+@dataclass
+class Finished:
+    """A finished run: what ``metrics.json`` holds, the trainer, the trained model and the
+    checked inputs."""
+
+    results: dict
+    trainer: object
+    model: torch.nn.Module
+    prepared: Prepared
+
+
+def train_run(cfg: RunConfig) -> Finished:
+    """:func:`run`, keeping the trainer, the model and the inputs for the caller."""
     from transformers import set_seed
 
     start = time.time()
@@ -387,4 +403,4 @@ def run(cfg: RunConfig) -> dict:
     results["total_cpu_s"] = time.process_time()
     save_outputs(trainer, model, results, cfg.training.output_dir, predictions=preds)
     print("\n" + results["summary"])
-    return results
+    return Finished(results, trainer, model, prep)
