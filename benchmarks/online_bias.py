@@ -50,7 +50,7 @@ def fit_online(lap, model, loader, key_x, key_y, every: int, seed: int):
             with on.recording(model) as rec:
                 logits = B.call_model(model, x, key_x)
                 t = B.targets_for(logits, y, lap.likelihood, mask)
-                on.add(rec, t, mask)
+                on.add(rec, t, mask, x[key_x], i)
     model.zero_grad(set_to_none=True)
     model.eval()
     return lap.fit_from(on.result(lap_n_data(loader, key_y)))

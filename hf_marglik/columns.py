@@ -4,8 +4,8 @@ backward pass each gives the curvature (:mod:`hf_marglik.curvature`).
 Exact GGN: ``s_c = √p_c (e_c − p)`` for softmax cross-entropy (``C − 1`` columns from an
 eigendecomposition up to :data:`MAX_REDUCED_OUTPUTS` classes), ``e_c`` for squared error;
 Monte-Carlo GGN: ``s = p − e_ŷ`` with ``ŷ`` sampled from the model (``ε ~ N(0, I)`` for
-regression); empirical Fisher: the gradient at the observed target. Positions that are not data
-are zero in every column.
+regression), from uniforms keyed by the example (:mod:`hf_marglik.draws`); empirical Fisher:
+the gradient at the observed target. Positions that are not data are zero in every column.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .batches import Targets
+from .draws import LabelDraws
 from .options import Backend
 
 MAX_EXACT_OUTPUTS = 1024
@@ -55,15 +56,21 @@ SAMPLE_CHUNK = 1 << 22
 """Probabilities per chunk of rows in :func:`sample_categorical` (32 MiB of float64 CDF)."""
 
 
-def sample_categorical(p: Tensor, generator: torch.Generator | None = None) -> Tensor:
+def sample_categorical(
+    p: Tensor, generator: torch.Generator | None = None, uniforms: Tensor | None = None
+) -> Tensor:
     """One class per row of ``p`` (``(n, C)``, rows summing to about 1), drawn by inverting the
-    float64 CDF at a uniform draw: the exact categorical distribution up to float64 rounding,
+    float64 CDF at a uniform draw (``uniforms``, ``n`` values in ``(0, 1)``, or drawn from
+    ``generator``): the exact categorical distribution up to float64 rounding,
     and a zero-probability class is never drawn. ``torch.multinomial`` did the same at about 10×
     the cost for a vocabulary (0.47 s for 512 tokens × 49,152 on 2 CPU threads, against 0.04 s:
     BENCHMARKS.md). Rows are taken in chunks of :data:`SAMPLE_CHUNK` probabilities, so the CDF
     never holds more than one chunk."""
     n, C = p.shape
-    u = torch.rand(n, 1, generator=generator, dtype=torch.float64, device=p.device)
+    if uniforms is None:
+        u = torch.rand(n, 1, generator=generator, dtype=torch.float64, device=p.device)
+    else:
+        u = uniforms.to(device=p.device, dtype=torch.float64).reshape(n, 1)
     out = torch.empty(n, 1, dtype=torch.long, device=p.device)
     step = max(1, SAMPLE_CHUNK // max(C, 1))
     for i in range(0, n, step):
@@ -74,10 +81,13 @@ def sample_categorical(p: Tensor, generator: torch.Generator | None = None) -> T
 
 
 def loss_columns(
-    t: Targets, backend: Backend, n_samples: int = 1, generator: torch.Generator | None = None
+    t: Targets, backend: Backend, n_samples: int = 1, draws: LabelDraws | None = None
 ) -> Iterator[Tensor]:
     """Columns ``s`` (shaped like ``t.logits``) with ``Σ_s s sᵀ`` = the curvature of the loss in
-    the logits at unit noise: exact GGN, Monte-Carlo GGN or empirical Fisher."""
+    the logits at unit noise: exact GGN, Monte-Carlo GGN (its labels drawn from ``draws``:
+    :mod:`hf_marglik.draws`) or empirical Fisher."""
+    if backend == Backend.GGN_MC and draws is None:
+        raise ValueError("backend='ggn-mc' needs the draws of its sampled labels (LabelDraws).")
     f = t.logits.detach()
     m = t.mask.unsqueeze(-1).to(f.dtype)
     categorical = t.y.dtype in (torch.long, torch.int, torch.int32)
@@ -94,7 +104,8 @@ def loss_columns(
             flat = p.reshape(-1, p.shape[-1])
             weight = m / math.sqrt(n_samples)
             for i in range(n_samples):
-                y = sample_categorical(flat, generator).reshape(*p.shape[:-1], 1)
+                u = draws.uniforms(tuple(p.shape[:-1]), i)
+                y = sample_categorical(flat, uniforms=u).reshape(*p.shape[:-1], 1)
                 # p − e_ŷ built in place (no one-hot of the vocabulary); the last sample reuses p
                 s = p if i == n_samples - 1 else p.clone()
                 s.scatter_add_(-1, y, torch.full(y.shape, -1.0, dtype=p.dtype, device=p.device))
@@ -108,8 +119,8 @@ def loss_columns(
                 s[..., c] = 1.0
                 yield s * m
         elif backend == Backend.GGN_MC:
-            for _ in range(n_samples):
-                eps = torch.randn(f.shape, generator=generator, dtype=f.dtype, device=f.device)
+            for i in range(n_samples):
+                eps = torch.special.ndtri(draws.uniforms(tuple(f.shape), i)).to(f.dtype)
                 yield eps * m / math.sqrt(n_samples)
         else:
             yield (f - t.y) * m

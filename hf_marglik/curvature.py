@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 
 from . import batches as B
 from .columns import check_outputs, loss_columns, per_position
+from .draws import LabelDraws
 from .factors import DenseFactor, SketchedFactor, new_factor
 from .options import Backend, HessianStructure, KFACApprox, Likelihood
 from .posterior import DiagPosterior, EigFactor, FullPosterior, KronPosterior, Posterior
@@ -776,7 +777,7 @@ def fit_curvature(
     dtype: torch.dtype,
     device: torch.device,
     n_data: int | None = None,
-    generator: torch.Generator | None = None,
+    seed: int = 0,
     example_weights=None,
     progress_bar: bool = False,
 ) -> FitResult:
@@ -784,7 +785,9 @@ def fit_curvature(
     :func:`pass_modes`): the loss and the curvature at the current parameters, summed over
     data-parallel processes. ``n_data`` (the data points of the whole
     training set when ``loader`` covers a subset) rescales both by ``n_data / counted``;
-    ``example_weights(batch)`` gives one weight per example (see ``Laplace.fit``). The model's
+    ``example_weights(batch)`` gives one weight per example (see ``Laplace.fit``). ``seed`` keys
+    the Monte-Carlo labels of ``backend="ggn-mc"`` with each example's hash
+    (:mod:`hf_marglik.draws`): the same labels for any batching or number of processes. The model's
     train/eval mode, ``requires_grad`` flags and ``.grad`` are restored, also when it raises."""
     sizes = [p.numel() for p in params]
     curv = Curvature(
@@ -800,7 +803,7 @@ def fit_curvature(
         with pass_modes(model), rec.recording(model, batched=batched):
             for batch in tqdm(loader, desc="Curvature fit", disable=not progress_bar, delay=2):
                 w = None if example_weights is None else example_weights(batch)
-                n, k = _fit_batch(rec, curv, batch, params, settings, generator, loss, w, device)
+                n, k = _fit_batch(rec, curv, batch, params, settings, seed, loss, w, device)
                 counted, n_outputs = counted + n, k
     finally:
         for p, flag, g in zip(model.parameters(), flags, grads):
@@ -824,7 +827,7 @@ def fit_curvature(
     )
 
 
-def _fit_batch(rec, curv, batch, params, settings, generator, loss, w, device):
+def _fit_batch(rec, curv, batch, params, settings, seed, loss, w, device):
     inputs, y = B.split_batch(batch, settings.dict_key_x, settings.dict_key_y)
     inputs, y = B.to_device(inputs, device), B.to_device(y, device)
     mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
@@ -847,7 +850,11 @@ def _fit_batch(rec, curv, batch, params, settings, generator, loss, w, device):
             check_outputs(logits.shape[-1], settings.backend)
         wp = None if w is None else _point_weights(w, t, curv.dtype)
         loss += B.nll_sum(t, wp).detach().to(curv.dtype)
-        cols = loss_columns(t, settings.backend, settings.n_mc_samples, generator)
+        draws = None
+        if settings.backend == Backend.GGN_MC:
+            x = inputs[settings.dict_key_x] if isinstance(inputs, Mapping) else inputs
+            draws = LabelDraws.for_batch(seed, x, mask, settings.likelihood)
+        cols = loss_columns(t, settings.backend, settings.n_mc_samples, draws)
         if settings.likelihood == Likelihood.CAUSAL_LM and settings.backend != Backend.GGN_MC:
             # each token is its own data point: its loss-Hessian columns are backpropagated
             # alone, so no cross terms between tokens enter (Monte-Carlo columns sampled

@@ -46,6 +46,7 @@ from .options import (
     SubsetOfWeights,
     coerce,
 )
+from .parallel import from_first_process
 from .posterior import MAX_DENSE_BLOCK, KronPosterior, Posterior, posterior_from_state
 from .prior import Prior, flat_index, select_parameters, trainable_parameters
 from .quantization import keep_4bit_differentiable
@@ -91,7 +92,10 @@ class Laplace:
         enable_backprop: laplace-torch's flag to make the marginal likelihood differentiable in
             the model parameters. Accepted for signature compatibility; ``True`` is refused
             (hf_marglik's curvature is detached from the parameters).
-        seed: seed of the Monte-Carlo targets (a fit is then reproducible).
+        seed: seed of the Monte-Carlo targets (a fit is then reproducible). They are keyed by
+            the seed and a hash of each example's input (:mod:`hf_marglik.draws`), so a fit's
+            labels do not depend on the batches or the number of data-parallel processes. None:
+            a seed drawn from torch's global generator at each fit.
         factor_rank: memory-bounded K-FAC: a factor wider than ``2·factor_rank + 10`` is
             accumulated as a streaming Nyström sketch and kept as its ``factor_rank`` leading
             eigenpairs plus a two-moment tail (:mod:`hf_marglik.factors`); memory per
@@ -422,9 +426,10 @@ class Laplace:
         The model's train/eval mode, ``requires_grad`` flags and ``.grad`` are restored
         afterwards, also when the pass raises.
         """
-        generator = None
-        if self.seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(self.seed)
+        seed = self.seed
+        if seed is None and self.backend == Backend.GGN_MC:
+            # reproducible under torch.manual_seed; the first process's in a data-parallel run
+            seed = from_first_process(int(torch.randint(2**62, ())))
         result = fit_curvature(
             self.model,
             train_loader,
@@ -434,7 +439,7 @@ class Laplace:
             dtype=self.dtype,
             device=self.device,
             n_data=n_data,
-            generator=generator,
+            seed=0 if seed is None else seed,
             example_weights=example_weights,
             progress_bar=progress_bar,
         )

@@ -245,7 +245,8 @@ def marglik_training(
             with sampled.recording(model) if sampled else contextlib.nullcontext() as rec:
                 t = targets_for(call_model(model, inputs, dict_key_x), y, likelihood, mask)
                 if sampled is not None and t.n_data > 0:  # one extra backward on this graph
-                    sampled.add(rec, t, mask)
+                    x = inputs[dict_key_x] if isinstance(inputs, Mapping) else inputs
+                    sampled.add(rec, t, mask, x, step)
             if t.n_data == 0:
                 continue
             step += 1

@@ -37,6 +37,8 @@ from torch import Tensor
 from . import batches as B
 from .columns import loss_columns
 from .curvature import Curvature, CurvatureSettings, FitResult, LinearSite, Recorder
+from .draws import LabelDraws, derive_seed
+from .options import Backend
 
 EXTRA_BACKWARD_COST = 2.0 / 3.0
 """The cost of one extra backward pass relative to one training step (a forward and a
@@ -68,7 +70,9 @@ class OnlineCurvature:
             data point and ``n_mc_samples``; ``"ef"``: the observed label), K-FAC variant and
             batch keys.
         every: sample every ``every``-th optimizer step.
-        seed: seed of the Monte-Carlo labels.
+        seed: seed of the Monte-Carlo labels; with the step and each example's hash it keys
+            them (:mod:`hf_marglik.draws`), so that they do not depend on the number of
+            data-parallel processes or the batching.
     """
 
     def __init__(
@@ -83,7 +87,7 @@ class OnlineCurvature:
     ):
         self.params, self.sites, self.settings = params, sites, settings
         self.dtype, self.device, self.every = dtype, device, int(every)
-        self.generator = torch.Generator(device=device).manual_seed(int(seed))
+        self.seed = int(seed)
         self.reset()
 
     @classmethod
@@ -136,17 +140,29 @@ class OnlineCurvature:
         with rec.recording(model):
             yield rec
 
-    def add(self, rec: Recorder, t: B.Targets, attention_mask: Tensor | None) -> None:
+    def add(
+        self,
+        rec: Recorder,
+        t: B.Targets,
+        attention_mask: Tensor | None,
+        x: Tensor,
+        step: int,
+    ) -> None:
         """Add one micro-batch: its recorded inputs, its loss, and the output gradients of
         backward passes of sampled labels through ``t.logits`` (the graph is kept for the
-        training backward)."""
+        training backward). ``x``: the micro-batch's main input (``dict_key_x``), whose hash
+        per example keys the sampled labels with the seed and the optimizer ``step``."""
         acts = rec.inputs()
         self.curvature.add_inputs(acts, attention_mask)
         self.loss += B.nll_sum(t).detach().to(self.dtype)
         self.counted += t.n_data
         self.n_outputs = int(t.logits.shape[-1])
         s = self.settings
-        for col in loss_columns(t, s.backend, s.n_mc_samples, self.generator):
+        draws = None
+        if s.backend == Backend.GGN_MC:
+            seed = derive_seed(self.seed, step)
+            draws = LabelDraws.for_batch(seed, x, attention_mask, s.likelihood)
+        for col in loss_columns(t, s.backend, s.n_mc_samples, draws):
             torch.autograd.grad(
                 t.logits,
                 self.params,
@@ -180,7 +196,7 @@ class OnlineCurvature:
             "loss": self.loss.clone(),
             "counted": self.counted,
             "n_outputs": self.n_outputs,
-            "generator": self.generator.get_state(),
+            "seed": self.seed,
         }
 
     def load_state_dict(self, sd: dict) -> None:
@@ -188,4 +204,4 @@ class OnlineCurvature:
         self.curvature.load_state_dict(sd["curvature"])
         self.loss.copy_(sd["loss"])
         self.counted, self.n_outputs = sd["counted"], sd["n_outputs"]
-        self.generator.set_state(sd["generator"])
+        self.seed = int(sd.get("seed", self.seed))  # older states held a generator instead

@@ -103,3 +103,14 @@ def sum_over_processes(values: torch.Tensor) -> torch.Tensor:
     t = values.cuda() if dist.get_backend() == "nccl" else values.clone()
     dist.all_reduce(t)
     return t.cpu()
+
+
+def from_first_process(value: int) -> int:
+    """The first process's ``value`` on every process of an initialised ``torch.distributed``
+    group (``value`` itself without one): a seed drawn once, the same everywhere."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return int(value)
+    t = torch.tensor([int(value)], dtype=torch.int64)
+    t = t.cuda() if dist.get_backend() == "nccl" else t
+    dist.broadcast(t, 0)
+    return int(t.item())

@@ -47,6 +47,7 @@ from .checkpoint import (
     save_json,
     save_torch,
 )
+from .draws import derive_seed
 from .evaluation import calibration_report
 from .hyper import HyperOptimizer, batch_targets, count_data_points, likelihood_scale
 from .laplace import MAX_DENSE_BLOCK, Laplace
@@ -454,7 +455,7 @@ class MargLikTrainerMixin:
             self._online = OnlineCurvature.for_laplace(
                 self._new_laplace(hyper.prior_precision, hyper.sigma_noise),
                 every,
-                seed=a.seed + self.args.process_index,  # independent labels per process
+                seed=a.seed,  # keyed with the step and each example: any process count
             )
         self._epoch_loss, self._epoch_items = 0.0, 0
         self._saved_epoch = (0.0, 0)
@@ -568,7 +569,8 @@ class MargLikTrainerMixin:
             logits = call_model(model, x, a.dict_key_x)
             t = targets_for(logits, y, a.likelihood, mask)
             if online is not None:  # one extra backward of sampled labels on this graph
-                online.add(rec, t, mask)
+                ids = x[a.dict_key_x] if isinstance(x, Mapping) else x
+                online.add(rec, t, mask, ids, self.state.global_step)
         data_term = likelihood_scale(a.likelihood) * nll_sum(t)
         if model.training:
             if self._curvature_subset is not None:
@@ -681,7 +683,7 @@ class MargLikTrainerMixin:
         if due and state.epoch >= a.n_epochs_burnin - 1e-9:
             self._marglik_update()
 
-    def _new_laplace(self, prec, sigma) -> Laplace:
+    def _new_laplace(self, prec, sigma, seed: int | None = None) -> Laplace:
         a = self.args
         return Laplace(
             self.model,
@@ -698,6 +700,7 @@ class MargLikTrainerMixin:
             factor_rank=a.factor_rank,
             predictive_subset_of_weights=a.predictive_subset_of_weights,
             prior_mean=self._prior_mean(),
+            seed=seed,
         )
 
     def _prior_mean(self):
@@ -718,7 +721,8 @@ class MargLikTrainerMixin:
 
     def _fit(self, prec, sigma) -> Laplace:
         """A new Laplace approximation with these hyperparameters, fit on the curvature data."""
-        lap = self._new_laplace(prec, sigma)
+        # the Monte-Carlo labels of this update's pass: keyed by the step and each example
+        lap = self._new_laplace(prec, sigma, derive_seed(self.args.seed, self.state.global_step))
         was_training = self.model.training
         subset = self.args.marglik_subset is not None
         dataset, weights = self._fit_dataset, None

@@ -3,8 +3,10 @@ process) or under torch.distributed.run with 2 CPU processes (gloo). Checkpoints
 ``python ddp_worker.py OUT PER_DEVICE_BATCH [CHECKPOINT]`` resumes from CHECKPOINT (written by
 a run with any number of processes). ``HF_MARGLIK_TEST_SUBSET=0.5`` in the environment fits the
 curvature on a curvature-weighted half of the data (``marglik_subset``);
-``HF_MARGLIK_TEST_ONLINE=1`` gathers it online from the training steps (empirical Fisher, so
-that the labels are the same for any number of processes); ``HF_MARGLIK_TEST_GRIDSEARCH=1``
+``HF_MARGLIK_TEST_ONLINE=1`` gathers it online from the training steps;
+``HF_MARGLIK_TEST_BACKEND`` sets the curvature's backend (the exact GGN ``"ggn"`` by default;
+``"ggn-mc"``: labels sampled per example, the same for any number of processes);
+``HF_MARGLIK_TEST_GRIDSEARCH=1``
 tunes the predictive's prior on :func:`eval_data` (``predictive_prior="gridsearch"``), which
 the Trainer shards across processes, and evaluates on it."""
 
@@ -58,13 +60,13 @@ def main(out_dir: str, per_device_batch: int, resume: str | None = None) -> None
         disable_tqdm=True,
         predictive_prior="gridsearch" if gridsearch else "marglik",
         marglik_subset=float(os.environ.get("HF_MARGLIK_TEST_SUBSET", 0)) or None,
-        **(
-            {"marglik_curvature": "online", "backend": "ef"}
+        backend=os.environ.get("HF_MARGLIK_TEST_BACKEND", "ggn"),
+        marglik_curvature=(
+            "online"
             if os.environ.get("HF_MARGLIK_TEST_ONLINE")
-            else {
-                "marglik_curvature": None if os.environ.get("HF_MARGLIK_TEST_SUBSET") else "fit",
-                "backend": "ggn",
-            }
+            else None
+            if os.environ.get("HF_MARGLIK_TEST_SUBSET")
+            else "fit"
         ),
     )
     trainer = MargLikTrainer(

@@ -20,8 +20,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(cmd, tmp, subset=None):
+def _run(cmd, tmp, subset=None, backend="ggn"):
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    env["HF_MARGLIK_TEST_BACKEND"] = backend
     if subset == "online":
         env["HF_MARGLIK_TEST_ONLINE"] = "1"
     elif subset == "gridsearch":
@@ -39,15 +40,18 @@ def _close(a, b, rtol=1e-10, atol=1e-12):
         assert x == pytest.approx(y, rel=rtol, abs=atol)
 
 
-@pytest.mark.parametrize("subset", [None, 0.5, "online"])
-def test_two_processes_equal_one_process(tmp_path, subset):
+@pytest.mark.parametrize("subset, backend", [(None, "ggn-mc"), (0.5, "ggn"), ("online", "ggn-mc")])
+def test_two_processes_equal_one_process(tmp_path, subset, backend):
     """``subset=0.5``: curvature-weighted subsets (each process records the curvature of its
     shard; the scores are gathered, so every process draws the same subset). ``"online"``: the
-    curvature gathered from the training steps, summed over the processes at each update."""
+    curvature gathered from the training steps, summed over the processes at each update.
+    ``"ggn-mc"`` (the default Monte-Carlo GGN, in a pass and online): each example's sampled
+    labels are keyed by its hash and the step, not by the process, so 2 processes draw the same
+    labels as 1 (the model has no dropout: dropout masks are drawn per process)."""
     single, multi = tmp_path / "single", tmp_path / "multi"
     single.mkdir()
     multi.mkdir()
-    _run([sys.executable, WORKER, str(single), "8"], tmp_path, subset)
+    _run([sys.executable, WORKER, str(single), "8"], tmp_path, subset, backend)
     _run(
         [
             sys.executable,
@@ -61,6 +65,7 @@ def test_two_processes_equal_one_process(tmp_path, subset):
         ],
         tmp_path,
         subset,
+        backend,
     )
     ref = json.loads((single / "result-0.json").read_text())
     ranks = [json.loads((multi / f"result-{r}.json").read_text()) for r in range(2)]
