@@ -463,7 +463,8 @@ class MargLikTrainerMixin:
         decays = self.optimizer is not None and any(
             g.get("weight_decay", 0) > 0 for g in self.optimizer.param_groups
         )
-        if decays and a.prior_application == PriorApplication.DECOUPLED:
+        explicit = getattr(a, "_prior_application_set", True)
+        if decays and explicit and a.prior_application == PriorApplication.DECOUPLED:
             raise ValueError(
                 "prior_application='decoupled' decays the parameters by the learned prior, and "
                 "the optimizer passed to the trainer has weight_decay > 0, which would decay "

@@ -83,7 +83,9 @@ class MargLikArguments:
         prior_mean: ``"zero"`` (default, laplace-torch's) or ``"init"``: centre the prior at the
             trainable parameters when training starts, so that it pulls the update, not LoRA
             A's random initialisation, to zero (saved in checkpoints and the posterior).
-        prior_application: ``"decoupled"`` (default: the loss is the likelihood, and at every
+        prior_application: ``"decoupled"`` (None, the default, picks it; a ``weight_decay > 0``
+            is then set to 0 with a warning, as before, where an explicit ``"decoupled"``
+            beside it is refused): the loss is the likelihood, and at every
             optimizer step each tensor decays towards ``μ`` by ``lr·δ_l/(N·c)``, outside the
             optimiser's preconditioner) or ``"loss"`` (laplace-torch's and ``marglik_training``'s
             default: the prior term in the loss); :class:`~hf_marglik.PriorApplication`. With
@@ -204,10 +206,10 @@ class MargLikArguments:
             "choices": ["zero", "init"],
         },
     )
-    prior_application: str = field(
-        default="decoupled",
+    prior_application: str | None = field(
+        default=None,
         metadata={
-            "help": "How the prior acts on training: 'decoupled' (default: the loss is the "
+            "help": "How the prior acts on training: 'decoupled' (None, the default, picks it: the loss is the "
             "likelihood; at each optimizer step theta <- theta - lr*(delta/N)*(theta - mu), as "
             "AdamW's weight decay) or 'loss' (laplace-torch's: its term in the loss, through "
             "the optimizer).",
@@ -389,8 +391,13 @@ class MargLikArguments:
         self.pred_type = coerce(PredType, self.pred_type, "pred_type")
         self.predictive_prior = coerce(PredictivePrior, self.predictive_prior, "predictive_prior")
         self.prior_mean = coerce(PriorMean, self.prior_mean, "prior_mean")
+        # None: decoupled, and a weight_decay > 0 is replaced by the learned prior (set to 0
+        # with a warning, below), so a pipeline with its own weight decay swaps in unchanged;
+        # an explicit "decoupled" beside a weight_decay > 0 is refused in _check_lora_prior
+        explicit = self.prior_application is not None
+        self._prior_application_set = explicit  # not a field: the trainer's optimizer check
         self.prior_application = coerce(
-            PriorApplication, self.prior_application, "prior_application"
+            PriorApplication, self.prior_application or "decoupled", "prior_application"
         )
         self.predictive_subset_of_weights = coerce(
             SubsetOfWeights, self.predictive_subset_of_weights, "predictive_subset_of_weights"
@@ -410,7 +417,7 @@ class MargLikArguments:
         )
         self.backend = coerce(Backend, self.backend, "backend")
         self.prior_structure = coerce(PriorStructure, self.prior_structure, "prior_structure")
-        self._check_lora_prior()
+        self._check_lora_prior(explicit)
         if self.kfac_approx is not None:
             self.kfac_approx = coerce(KFACApprox, self.kfac_approx, "kfac_approx")
         check_settings(
@@ -506,9 +513,13 @@ class MargLikArguments:
                 stacklevel=2,
             )
 
-    def _check_lora_prior(self) -> None:
+    def _check_lora_prior(self, explicit: bool) -> None:
         """The LoRA-prior settings (their model checks come when the trainer sees the model)."""
-        if self.prior_application == PriorApplication.DECOUPLED and self.weight_decay > 0:
+        if (
+            explicit
+            and self.prior_application == PriorApplication.DECOUPLED
+            and self.weight_decay > 0
+        ):
             raise ValueError(
                 f"prior_application='decoupled' decays the parameters by the learned prior, and "
                 f"weight_decay={self.weight_decay} would decay them a second time. Set "
