@@ -309,7 +309,8 @@ def test_select_keeps_the_highest_evidence_as_the_run_output(selection):
     assert evidences[0] != evidences[1]
     assert sel["chosen"] == evidences.index(max(evidences))
     chosen = out / "candidates" / str(sel["chosen"])
-    for name in ("adapter_model.safetensors", "adapter_config.json", "laplace_posterior.pt",
+    for name in ("adapter_model.safetensors", "adapter_config.json",
+                 "laplace_posterior.safetensors", "laplace_config.json",
                  "marglik_hyperparameters.json", "metrics.json"):  # fmt: skip
         assert (out / name).read_bytes() == (chosen / name).read_bytes(), name
     assert not (out / "candidate.json").exists()
