@@ -205,12 +205,15 @@ class HyperOptimizer:
         """Tied precisions (one per group) as one per tensor; others as they are."""
         return prec if self.tie_groups is None else prec[self._group_index]
 
-    def decay_(self, params: list[Tensor], lrs: list[float], n_data: int) -> None:
+    def decay_(self, params: list[Tensor], optimizer, n_data: int) -> None:
         """The decoupled application of the prior (:class:`~hf_marglik.PriorApplication`):
-        ``θ ← θ − lr·(δ/(N·c))·(θ − μ)`` in place, per tensor with its learning rate ``lrs``
+        ``θ ← θ − lr·(δ/(N·c))·(θ − μ)`` in place, per tensor at the learning rate of its
+        parameter group in ``optimizer`` (0 for a tensor the optimizer does not hold)
         (``δ`` per tensor or per parameter, ``c`` the crit factor, ``μ`` the prior's mean).
         With SGD this is the gradient step of the loss's prior term; with Adam it bypasses the
         preconditioner, as AdamW's weight decay does."""
+        lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+        lrs = [float(lr_of.get(id(p), 0.0)) for p in params]
         prior = Prior(self.prior_precision, self.sizes)
         mus = (
             [None] * len(params)

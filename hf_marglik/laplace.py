@@ -838,19 +838,25 @@ class Laplace:
 
         folder = resolve(folder_or_hub_id, revision)
         config, tensors = read(folder)
-        lap = cls(
-            model,
-            config["likelihood"],
-            hessian_structure=config["hessian_structure"],
-            backend=config["backend"],
-            kfac_approx=config["kfac_approx"],
-            temperature=config["temperature"],
-            subset_of_weights=config["subset_of_weights"],
-            **config["options"],
-        )
+        lap = cls._unfitted(model, config)
         check_parameters(config, lap, folder)
         lap.load_state_dict(_to_device(state_dict(config, tensors), lap.device))
         return lap
+
+    @classmethod
+    def _unfitted(cls, model: nn.Module, saved: dict) -> Laplace:
+        """A :class:`Laplace` over ``model`` with the constructor settings of a saved posterior
+        (``laplace_config.json`` or an old ``.pt`` state), to load its state into."""
+        return cls(
+            model,
+            saved["likelihood"],
+            hessian_structure=saved["hessian_structure"],
+            backend=saved["backend"],
+            kfac_approx=saved["kfac_approx"],
+            temperature=saved["temperature"],
+            subset_of_weights=saved.get("subset_of_weights", "all"),
+            **saved.get("options", {}),
+        )
 
     def save(self, path: str | os.PathLike) -> None:
         """Deprecated (a pickle-based ``.pt`` file): use :meth:`save_pretrained`. Writes the
@@ -868,16 +874,7 @@ class Laplace:
         tensors."""
         warnings.warn(_PICKLE_NOTICE.format(what="Laplace.load reads"), FutureWarning, 2)
         sd = torch.load(path, map_location="cpu", weights_only=True)
-        lap = cls(
-            model,
-            sd["likelihood"],
-            hessian_structure=sd["hessian_structure"],
-            backend=sd["backend"],
-            kfac_approx=sd["kfac_approx"],
-            temperature=sd["temperature"],
-            subset_of_weights=sd.get("subset_of_weights", "all"),
-            **sd.get("options", {}),
-        )
+        lap = cls._unfitted(model, sd)
         lap.load_state_dict(_to_device(sd, lap.device))
         return lap
 

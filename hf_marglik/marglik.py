@@ -250,15 +250,15 @@ def marglik_training(
             if t.n_data == 0:
                 continue
             step += 1
-            prior = hyper.prior_term(params) * t.n_data / N
-            data = hyper.likelihood_scale * nll_sum(t)
             decoupled = application == PriorApplication.DECOUPLED
+            with torch.no_grad() if decoupled else contextlib.nullcontext():  # logged only
+                prior = hyper.prior_term(params) * t.n_data / N
+            data = hyper.likelihood_scale * nll_sum(t)
             total = data if decoupled else data + prior
             loss = total / t.n_data
             loss.backward()
             if decoupled:  # the prior's step, before the optimizer's update (AdamW's order)
-                lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
-                hyper.decay_(params, [float(lr_of.get(id(p), 0.0)) for p in params], N)
+                hyper.decay_(params, optimizer, N)
                 total = total + prior
             optimizer.step()
             epoch_loss += float(total.detach())

@@ -577,8 +577,10 @@ class MargLikTrainerMixin:
             if self._curvature_subset is not None:
                 ids = x[a.dict_key_x] if isinstance(x, Mapping) else x
                 self._curvature_subset.record(ids, mask, logits, self.state.global_step)
-            prior = self.marglik_loop.hyper.prior_term(self._params) * (t.n_data / self.n_data)
-            if a.prior_application == PriorApplication.DECOUPLED:
+            decoupled = a.prior_application == PriorApplication.DECOUPLED
+            with torch.no_grad() if decoupled else contextlib.nullcontext():  # logged only
+                prior = self.marglik_loop.hyper.prior_term(self._params) * (t.n_data / self.n_data)
+            if decoupled:
                 # the prior acts at the optimizer step (_apply_decoupled_prior), not through the
                 # gradient; the recorded epoch loss is still the log joint
                 total = data_term
@@ -663,9 +665,7 @@ class MargLikTrainerMixin:
         prior's mean at its parameter group's learning rate for this step."""
         if self.args.prior_application != PriorApplication.DECOUPLED or self.marglik_loop is None:
             return
-        lr_of = {id(p): g["lr"] for g in self.optimizer.param_groups for p in g["params"]}
-        lrs = [float(lr_of.get(id(p), 0.0)) for p in self._params]
-        self.marglik_loop.hyper.decay_(self._params, lrs, self.n_data)
+        self.marglik_loop.hyper.decay_(self._params, self.optimizer, self.n_data)
 
     def _on_step_end(self) -> None:
         a, state = self.args, self.state
